@@ -1,0 +1,28 @@
+# The two commands of the README:
+#   make demo   set up .venv and run the main job on its embedded default
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# torch is named in the SAME pip command as deepspeed, or pip may pick a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[mpi,test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	DS_ACCELERATOR=cpu $(VENV)/bin/rdhpc demo --run-dir runs/demo
+
+test: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

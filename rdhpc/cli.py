@@ -1,0 +1,109 @@
+"""The `rdhpc` command. Each subcommand is a thin entry point into the library.
+
+    rdhpc config configs/debug.yaml --set model.mean_recurrence=8   # resolve, validate, summarise
+    rdhpc demo                                                       # the main job on an embedded default
+
+User errors (bad config, bad checkpoint) print every problem and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Subcommands that belong to the pipeline but are not built yet: (name, what it will do, issue).
+PLANNED = [
+    ("prep", "tokenizer training, tokenize-and-pack into verified Arrow shards", 8),
+    ("train", "DeepSpeed ZeRO pretraining with exact resume", 3),
+    ("launch", "start N local ranks of the trainer", 3),
+    ("submit", "submit training or a prep stage to Slurm through submitit", 4),
+    ("status", "state, last step and loss of a submitted job", 4),
+    ("eval", "validation loss against recurrence depth", 5),
+    ("generate", "adaptive-depth generation with a KV cache", 5),
+    ("export", "ZeRO checkpoint -> safetensors / the released Huginn layout", 5),
+    ("plan", "parameters, FLOPs, memory and time of a run", 5),
+    ("tensorboard", "serve a run's TensorBoard on a free local port", 5),
+]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True):
+    parser.add_argument("config", nargs=None if required else "?", help="YAML run configuration")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable); the value is parsed as YAML")
+
+
+def cmd_config(args) -> int:
+    from rdhpc.config import config_to_yaml, load_config
+
+    config = load_config(args.config, args.overrides)
+    if not args.quiet:
+        print(config_to_yaml(config), end="")
+    print(model_summary(config.model), file=sys.stderr if not args.quiet else sys.stdout)
+    return 0
+
+
+def model_summary(model_config) -> str:
+    import torch
+
+    from rdhpc.model import RecurrentDepthModel
+
+    with torch.device("meta"):
+        model = RecurrentDepthModel(model_config)
+    counts = model.parameter_counts()
+    r = model_config.mean_recurrence
+    return (f"# model {model_config.size or '(custom)'}: {counts['total']:,} parameters "
+            f"(core {counts['core']:,}, prelude+coda {counts['prelude'] + counts['coda']:,}, "
+            f"adapter {counts['adapter']:,}, embedding {counts['embedding']:,}); "
+            f"{model.unrolled_parameters(r):,} unrolled at the mean depth r={r}")
+
+
+def cmd_demo(args) -> int:
+    from rdhpc.demo import run_demo
+
+    return run_demo(args.run_dir, steps=args.steps, overrides=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rdhpc", description="Pretraining of recurrent-depth language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("config", help="resolve and validate a run configuration; print it with a model summary")
+    add_config_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="only validate and print the summary")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("demo", help="the main job on an embedded default (what `make demo` runs)")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default from configs/demo.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+
+    for name, what, issue in PLANNED:
+        p = sub.add_parser(name, help=f"(not built yet: issue {issue}) {what}")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args, name=name, issue=issue: _not_built(name, issue))
+    return parser
+
+
+def _not_built(name: str, issue: int) -> int:
+    print(f"rdhpc {name}: not built yet (tracked in issue {issue}).", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rdhpc.config import ConfigError
+    from rdhpc.model import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"rdhpc {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"rdhpc {args.command}: bad checkpoint: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

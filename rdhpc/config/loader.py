@@ -1,0 +1,209 @@
+"""Load a RunConfig from YAML plus `--set section.key=value` overrides, validating everything at once.
+
+Every problem found (unknown keys with a "did you mean", wrong types, inconsistent values) is
+collected into one ConfigError; the command line prints them all and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rdhpc.config.schema import SECTION_NAMES, RunConfig
+from rdhpc.model.config import MODEL_SIZES
+
+CONFIG_FILE_NAME = "config.yaml"
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; `problems` lists them, each naming its key."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"{len(self.problems)} configuration problem(s){where}:\n"
+                         + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, key: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; return the converted value (or None on error)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(value, inner[0], key, problems)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple):
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+                problems.append(f"{key}: expected a list of {len(args)} values, got {len(value)}")
+                return None
+            before = len(problems)
+            item_types = args if origin is tuple and args[-1] is not Ellipsis else [args[0]] * len(value)
+            items = [_convert(v, t, f"{key}[{i}]", problems) for i, (v, t) in enumerate(zip(value, item_types))]
+            if len(problems) > before:
+                return None
+            return tuple(items) if origin is tuple else items
+    else:
+        raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+    problems.append(f"{key}: expected {_type_name(tp) if origin is None else str(tp).replace('typing.', '')}, "
+                    f"got {type(value).__name__} {value!r}")
+    return None
+
+
+def _build_section(cls, values: dict, prefix: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            problems.append(f"{prefix}.{key}: unknown key{_did_you_mean(key, fields)}")
+            continue
+        before = len(problems)
+        converted = _convert(value, hints[key], f"{prefix}.{key}", problems)
+        if len(problems) == before:
+            kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'model.mean_recurrence=16' -> (['model', 'mean_recurrence'], 16); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected section.key=value"])
+    key, _, raw = text.partition("=")
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError([f"--set {text!r}: the key must be section.key (e.g. model.mean_recurrence)"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"--set {text!r}: value is not valid YAML ({exc})"]) from None
+    return path, value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def config_from_dict(raw: dict, overrides: list[str] = (), source: str | None = None) -> RunConfig:
+    """Build and validate a RunConfig; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    sections: dict[str, dict] = {}
+    for name, values in raw.items():
+        if name not in SECTION_NAMES:
+            problems.append(f"{name}: unknown section{_did_you_mean(name, SECTION_NAMES)}")
+        elif values is None:
+            sections[name] = {}
+        elif not isinstance(values, dict):
+            problems.append(f"{name}: a section must be a mapping of keys, got {type(values).__name__}")
+        else:
+            sections[name] = dict(values)
+    for text in overrides:
+        try:
+            (section, key), value = parse_override(text)
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        if section not in SECTION_NAMES:
+            problems.append(f"--set {text}: unknown section {section!r}{_did_you_mean(section, SECTION_NAMES)}")
+            continue
+        sections.setdefault(section, {})[key] = value
+
+    # A named model size is the base; keys given next to it override it.
+    model_values = sections.get("model", {})
+    size = model_values.get("size")
+    if size is not None:
+        if isinstance(size, str) and size in MODEL_SIZES:
+            model_values = {**MODEL_SIZES[size], **model_values}
+        else:
+            problems.append(f"model.size: unknown size {size!r}; choose one of {sorted(MODEL_SIZES)}"
+                            f"{_did_you_mean(str(size), MODEL_SIZES)}")
+            model_values = {k: v for k, v in model_values.items() if k != "size"}
+    sections["model"] = model_values
+
+    hints = typing.get_type_hints(RunConfig)
+    built = {name: _build_section(hints[name], sections.get(name, {}), name, problems) for name in SECTION_NAMES}
+    config = RunConfig(**built)
+    # Fields with a type error kept their defaults; value checks run on everything else, so one
+    # run reports every problem, without a second message about a key already reported.
+    already_reported = {p.split(":")[0].split("[")[0] for p in problems}
+    problems += [p for p in config.problems() if p.split(":")[0] not in already_reported]
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (optional) -> defaults overridden by the file, then by `overrides`."""
+    raw = read_yaml(path) if path is not None else {}
+    return config_from_dict(raw, overrides, source=str(path) if path is not None else None)
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    def plain(value):
+        if isinstance(value, tuple):
+            return list(value)
+        return value
+    return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(config, name)).items()}
+            for name in SECTION_NAMES}
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def save_config(config: RunConfig, folder: str | Path) -> Path:
+    """Write the resolved config as `folder/config.yaml` (atomically), e.g. next to a checkpoint."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CONFIG_FILE_NAME
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(config_to_yaml(config))
+    tmp.replace(path)
+    return path
+
+
+def config_from_checkpoint(folder: str | Path) -> RunConfig:
+    return load_config(Path(folder) / CONFIG_FILE_NAME)

@@ -1,0 +1,250 @@
+"""The run configuration: one typed dataclass per section, each field documented where it is declared.
+
+YAML files set any subset of fields; `--set section.key=value` overrides the file; the file
+overrides these defaults. rdhpc.config.loader validates everything at load and reports every
+problem at once. The resolved config is saved next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rdhpc.model.config import ModelConfig
+
+PRECISIONS = ("bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = {
+    "adamw": "torch.optim.AdamW (nothing to compile on CPU)",
+    "adam-atan2": "the paper's Adam variant: atan2 update, update clipping, running init, decoupled decay",
+}
+SCHEDULES = {
+    "constant": "linear warm-up, then constant",
+    "cosine": "linear warm-up, then cosine decay to min_lr_ratio * lr at total_steps",
+    "trapezoid": "linear warm-up, constant, linear cool-down over cooldown_steps before total_steps "
+                 "(warmup-stable-decay); also triggered early by a cool-down request file",
+}
+ON_DATA_EXHAUSTED = ("stop", "new_epoch")
+
+
+@dataclass
+class DataConfig:
+    train_dir: str | None = None
+    """Folder of training shards written by `rdhpc prep shards` (its manifest.json is checked)."""
+    val_dir: str | None = None
+    """Folder of validation shards; defaults to the validation split of train_dir's manifest."""
+    shuffle_seed: int = 1234
+    """Seed of the global row permutation shared by all ranks."""
+    prefetch_batches: int = 4
+    """Batches prepared ahead of the step by a background thread."""
+    on_exhausted: str = "stop"
+    """What happens when the data runs out: 'stop' ends the run cleanly, 'new_epoch' reshuffles."""
+
+    def problems(self, prefix="data"):
+        out = []
+        if self.on_exhausted not in ON_DATA_EXHAUSTED:
+            out.append(f"{prefix}.on_exhausted: unknown value {self.on_exhausted!r}; choose one of {list(ON_DATA_EXHAUSTED)}")
+        if self.prefetch_batches < 0:
+            out.append(f"{prefix}.prefetch_batches: must be >= 0, got {self.prefetch_batches}")
+        return out
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """Optimizer: 'adamw' or 'adam-atan2' (the paper's)."""
+    lr: float = 4e-5
+    """Peak learning rate (4e-5 in the 3.5B run)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 4e-5
+    """Decoupled weight decay; norms, qk_bias and (by default) embeddings get none."""
+    eps: float = 1e-8
+    """AdamW epsilon (the atan2 variant has none)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping; 0 disables."""
+    update_clip: float = 1.0
+    """adam-atan2: cap on the per-tensor rms of g^2 / v."""
+
+    def problems(self, prefix="optim"):
+        out = []
+        if self.name not in OPTIMIZERS:
+            out.append(f"{prefix}.name: unknown optimizer {self.name!r}; choose one of {sorted(OPTIMIZERS)}")
+        if self.lr <= 0:
+            out.append(f"{prefix}.lr: must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            out.append(f"{prefix}.betas: each must be in [0, 1), got {list(self.betas)}")
+        for name in ("weight_decay", "eps", "grad_clip", "update_clip"):
+            if getattr(self, name) < 0:
+                out.append(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
+        return out
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "trapezoid"
+    warmup_steps: int = 4096
+    cooldown_steps: int = 0
+    """trapezoid: length of the linear cool-down that ends at train.max_steps."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of cosine and cool-down, as a fraction of optim.lr."""
+
+    def problems(self, prefix="schedule"):
+        out = []
+        if self.name not in SCHEDULES:
+            out.append(f"{prefix}.name: unknown schedule {self.name!r}; choose one of {sorted(SCHEDULES)}")
+        for name in ("warmup_steps", "cooldown_steps"):
+            if getattr(self, name) < 0:
+                out.append(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            out.append(f"{prefix}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 4096
+    """Sequences per optimizer step over all ranks (fixed: accumulation fills the gap)."""
+    micro_batch_size: int = 1
+    """Sequences per rank per forward pass."""
+    max_steps: int = 47000
+    seed: int = 0
+    """Seeds the model init and the depth sampler (drawn from (seed, step) on every rank)."""
+    precision: str = "bf16"
+    """'bf16' (autocast, float32 master weights and optimizer state) or 'fp32'."""
+    device: str = "auto"
+    """'auto' picks the GPU when there is one, else the CPU (gloo)."""
+    compile: bool = False
+    """torch.compile the model (off on CPU tests: compilation costs minutes)."""
+    log_interval: int = 10
+    val_interval: int = 500
+    val_depths: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
+    """Fixed depths of the validation loss: the live test-time scaling curve."""
+    val_batches: int = 16
+    max_consecutive_skips: int = 5
+    """Steps with a non-finite loss or gradient are skipped; this many in a row stop the run."""
+    peak_tflops_per_device: float = 989.0
+    """Dense bf16 peak used for MFU: 989 for H100/H200, 191.5 per MI250X die."""
+
+    def problems(self, prefix="train"):
+        out = []
+        for name in ("global_batch_size", "micro_batch_size", "max_steps", "log_interval", "val_interval",
+                     "val_batches", "max_consecutive_skips", "peak_tflops_per_device"):
+            if getattr(self, name) <= 0:
+                out.append(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            out.append(f"{prefix}.precision: unknown value {self.precision!r}; choose one of {list(PRECISIONS)}")
+        if self.device not in DEVICES:
+            out.append(f"{prefix}.device: unknown value {self.device!r}; choose one of {list(DEVICES)}")
+        if self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
+            out.append(f"{prefix}.global_batch_size: {self.global_batch_size} is not a multiple of "
+                       f"{prefix}.micro_batch_size = {self.micro_batch_size}")
+        bad_depths = [d for d in self.val_depths if d < 1]
+        if bad_depths:
+            out.append(f"{prefix}.val_depths: depths must be >= 1, got {bad_depths}")
+        return out
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed settings; rdhpc.trainer builds the whole DeepSpeed JSON from these in one function."""
+
+    stage: int = 1
+    """ZeRO stage 0-3 (the paper sharded optimizer state within a node: stage 1)."""
+    reduce_bucket_size: int = 16_777_216
+    """Elements per gradient-reduction bucket (16M float32 = the paper's 64 MB chunks)."""
+    allgather_bucket_size: int = 16_777_216
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    offload_optimizer: bool = False
+    """Keep optimizer state on the CPU (ZeRO-Offload)."""
+    stage3_param_persistence_threshold: int = 100_000
+    """Stage 3: parameters smaller than this stay unpartitioned."""
+
+    def problems(self, prefix="zero"):
+        out = []
+        if self.stage not in (0, 1, 2, 3):
+            out.append(f"{prefix}.stage: must be 0, 1, 2 or 3, got {self.stage}")
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, name) <= 0:
+                out.append(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
+        if self.offload_optimizer and self.stage == 0:
+            out.append(f"{prefix}.offload_optimizer: needs ZeRO stage 1 or higher")
+        return out
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    """Checkpoint folder; defaults to <logging.run_dir>/checkpoints."""
+    interval: int = 128
+    """Save every N optimizer steps (the paper: 128), plus on preemption and at the end."""
+    keep_last: int = 3
+    resume: str = "auto"
+    """'auto' resumes from the latest complete checkpoint, 'never' starts fresh, or a checkpoint path."""
+
+    def problems(self, prefix="checkpoint"):
+        out = []
+        if self.interval <= 0:
+            out.append(f"{prefix}.interval: must be > 0, got {self.interval}")
+        if self.keep_last < 1:
+            out.append(f"{prefix}.keep_last: must be >= 1, got {self.keep_last}")
+        return out
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    """Everything of a run lives here: config, TensorBoard events, checkpoints, logs."""
+    tensorboard: bool = True
+
+    def problems(self, prefix="logging"):
+        return [] if self.run_dir else [f"{prefix}.run_dir: must not be empty"]
+
+
+@dataclass
+class SlurmConfig:
+    cluster: str = "local"
+    """Preset in slurm/clusters/<name>.yaml (frontier, nvidia, local) or a path to your own."""
+    nodes: int = 1
+    time: str = "12:00:00"
+    """Time limit per job segment; the run checkpoints before it and is requeued."""
+    account: str | None = None
+    partition: str | None = None
+    job_name: str = "rdhpc"
+    max_segments: int = 32
+    """Requeue at most this many times (the paper's run took 21 segments of up to 12 h)."""
+
+    def problems(self, prefix="slurm"):
+        out = []
+        if self.nodes < 1:
+            out.append(f"{prefix}.nodes: must be >= 1, got {self.nodes}")
+        if self.max_segments < 1:
+            out.append(f"{prefix}.max_segments: must be >= 1, got {self.max_segments}")
+        return out
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def problems(self) -> list[str]:
+        """Every problem of every section, then the ones that involve two sections."""
+        out = []
+        for name in SECTION_NAMES:
+            out += getattr(self, name).problems(prefix=name)
+        if (self.schedule.name == "trapezoid"
+                and self.schedule.warmup_steps + self.schedule.cooldown_steps > self.train.max_steps):
+            out.append(f"schedule.cooldown_steps: warmup_steps + cooldown_steps = "
+                       f"{self.schedule.warmup_steps + self.schedule.cooldown_steps} exceeds train.max_steps = "
+                       f"{self.train.max_steps}")
+        return out
+
+
+SECTION_NAMES = ("model", "data", "optim", "schedule", "train", "zero", "checkpoint", "logging", "slurm")

@@ -1,0 +1,163 @@
+"""Shape and variant of a recurrent-depth model, and the table of named sizes.
+
+The model package is self-contained: this dataclass is what the model needs and nothing more.
+The project-wide YAML configuration (rdhpc.config) embeds it as its `model` section.
+
+Variant names are exact strings, checked by `ModelConfig.problems()` when a config is loaded, and
+each maps to one small piece of code (never a substring test deep inside the forward pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+# name -> what it selects. The first entry of each table is the published design.
+BLOCK_TYPES = {
+    "sandwich": "four RMSNorms per block: n2(x + Attn(n1(x))), n4(y + MLP(n3(y))) (the 3.5B run)",
+    "prenorm": "plain pre-norm block x + Attn(n(x)), x + MLP(n(x)) (failed run: the latent state was ignored)",
+}
+INJECTION_TYPES = {
+    "linear": "s_i = R(A([s_{i-1} ; e])), A a bias-free linear map 2h -> h (the 3.5B run)",
+    "add": "s_i = R(s_{i-1} + e), no adapter (failed run: representation collapse)",
+}
+NORM_TYPES = {
+    "rmsnorm": "RMSNorm with a learned weight, computed in float32 (the 3.5B run)",
+    "rmsnorm-parameter-free": "RMSNorm without weight (failed run, together with additive injection)",
+}
+SAMPLING_SCHEMES = {
+    "poisson-lognormal": "r = Poisson(exp(tau)) + 1, tau ~ N(log(mean) - sigma^2/2, sigma) (the 3.5B run)",
+    "fixed": "r = mean_recurrence on every step",
+}
+INIT_STRATEGIES = {
+    "takase": "truncated normal std sqrt(2/(5h)); output projections / sqrt(2 L), L = P + R * mean + C",
+}
+
+
+@dataclass
+class ModelConfig:
+    """A recurrent-depth transformer: prelude P, core R iterated r times, coda C."""
+
+    size: str | None = None
+    """Named size from MODEL_SIZES this config started from (the fields below override it)."""
+    vocab_size: int = 65536
+    """Vocabulary of the tokenizer; the embedding is padded up to a multiple of `padding_multiple`."""
+    padding_multiple: int = 4096
+    """Round the embedding rows up to this multiple (4096 in the released model)."""
+    hidden_size: int = 5280
+    """Width h of the residual stream and of the latent state."""
+    num_heads: int = 55
+    """Attention heads; full multi-head (as many key/value heads as query heads)."""
+    intermediate_size: int = 17920
+    """Width of the gated SiLU MLP (one fused h -> 2 * intermediate_size input matrix)."""
+    num_prelude_layers: int = 2
+    num_core_layers: int = 4
+    num_coda_layers: int = 2
+    max_seq_len: int = 4096
+    """Longest sequence (positions of the RoPE table); training rows hold max_seq_len + 1 tokens."""
+    mean_recurrence: int = 32
+    """Mean number of core iterations r (training depth distribution, default inference depth)."""
+    mean_backprop_depth: int = 8
+    """k: only the last k core iterations of a training step build an autograd graph."""
+    recurrence_sigma: float = 0.5
+    """Standard deviation of the log-normal in the log-normal Poisson depth sampler."""
+    sampling_scheme: str = "poisson-lognormal"
+    rope_base: float = 50000.0
+    norm_eps: float = 1e-6
+    qk_bias: bool = True
+    """Learned bias (2, 1, heads, head_dim) added to q and k before RoPE, zero at init."""
+    tie_embeddings: bool = True
+    block_type: str = "sandwich"
+    injection_type: str = "linear"
+    norm_type: str = "rmsnorm"
+    init_strategy: str = "takase"
+    activation_checkpointing: bool = False
+    """Recompute each core iteration in the backward pass instead of storing its activations."""
+
+    # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.padding_multiple) * self.padding_multiple
+
+    @property
+    def num_stored_layers(self) -> int:
+        return self.num_prelude_layers + self.num_core_layers + self.num_coda_layers
+
+    @property
+    def effective_depth(self) -> int:
+        """Layers traversed at the mean recurrence: P + R * mean + C (132 for the 3.5B model)."""
+        return self.num_prelude_layers + self.num_core_layers * self.mean_recurrence + self.num_coda_layers
+
+    @property
+    def init_std(self) -> float:
+        return math.sqrt(2.0 / (5.0 * self.hidden_size))
+
+    @property
+    def out_proj_init_std(self) -> float:
+        return self.init_std / math.sqrt(2.0 * self.effective_depth)
+
+    @property
+    def embedding_scale(self) -> float:
+        return math.sqrt(self.hidden_size)
+
+    # ---- validation ---------------------------------------------------------------------------
+    def problems(self, prefix: str = "model") -> list[str]:
+        """Every inconsistency of this config, as messages naming the key; empty when valid."""
+        out = []
+
+        def positive(name):
+            if getattr(self, name) <= 0:
+                out.append(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
+
+        for name in ("vocab_size", "padding_multiple", "hidden_size", "num_heads", "intermediate_size",
+                     "num_core_layers", "max_seq_len", "mean_recurrence", "rope_base", "norm_eps"):
+            positive(name)
+        for name in ("num_prelude_layers", "num_coda_layers", "mean_backprop_depth", "recurrence_sigma"):
+            if getattr(self, name) < 0:
+                out.append(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.num_heads > 0 and self.hidden_size % self.num_heads:
+            out.append(f"{prefix}.hidden_size: {self.hidden_size} is not divisible by "
+                       f"{prefix}.num_heads = {self.num_heads}")
+        elif self.num_heads > 0 and self.hidden_size > 0 and self.head_dim % 2:
+            out.append(f"{prefix}.num_heads: head_dim = hidden_size / num_heads = {self.head_dim} "
+                       "must be even (RoPE rotates pairs)")
+        for name, table in (("block_type", BLOCK_TYPES), ("injection_type", INJECTION_TYPES),
+                            ("norm_type", NORM_TYPES), ("sampling_scheme", SAMPLING_SCHEMES),
+                            ("init_strategy", INIT_STRATEGIES)):
+            value = getattr(self, name)
+            if value not in table:
+                out.append(f"{prefix}.{name}: unknown value {value!r}; choose one of {sorted(table)}")
+        if self.size is not None and self.size not in MODEL_SIZES:
+            out.append(f"{prefix}.size: unknown size {self.size!r}; choose one of {sorted(MODEL_SIZES)}")
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The table of named sizes. Each entry lists only what differs from the ModelConfig defaults,
+# which are the released 3.5B shape.
+MODEL_SIZES: dict[str, dict] = {
+    # Tests and CI: a few hundred thousand parameters, seconds per step on a CPU.
+    "debug": dict(vocab_size=512, padding_multiple=64, hidden_size=64, num_heads=4, intermediate_size=128,
+                  num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, max_seq_len=128,
+                  mean_recurrence=4, mean_backprop_depth=2),
+    # About 140M stored parameters (65536 vocabulary), for ablations on a node.
+    "rd-150m": dict(hidden_size=896, num_heads=14, intermediate_size=2560, max_seq_len=2048,
+                    mean_recurrence=16, mean_backprop_depth=4),
+    # About 960M stored parameters.
+    "rd-1b": dict(hidden_size=2560, num_heads=20, intermediate_size=9216, mean_recurrence=32),
+    # Exactly the released Huginn shape (3,564,976,800 parameters).
+    "huginn-3.5b": dict(),
+}
+
+
+def model_config_from_size(size: str, **overrides) -> ModelConfig:
+    if size not in MODEL_SIZES:
+        raise KeyError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+    return ModelConfig(size=size, **{**MODEL_SIZES[size], **overrides})

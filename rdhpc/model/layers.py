@@ -1,0 +1,123 @@
+"""The building blocks of the recurrent-depth transformer, one class per component.
+
+Shape legend: B batch, T sequence, H heads, D head dim, C hidden size (h in the paper).
+Nothing here imports torch.distributed: parallelism is applied from outside.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rdhpc.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back to the input dtype (eps 1e-6 in the 3.5B model)."""
+
+    def __init__(self, dim: int, eps: float, learnable: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if learnable else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.type_as(x)
+
+    def reset_parameters(self):
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+
+def rope_table(head_dim: int, max_seq_len: int, base: float, device=None) -> torch.Tensor:
+    """cos/sin of the RoPE angles in float32: (max_seq_len, head_dim / 2, 2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x_BTHD: torch.Tensor, table_T_D2_2: torch.Tensor) -> torch.Tensor:
+    """Rotate ADJACENT pairs (2i, 2i+1) of the head dim, as the released model does (its complex-number
+    layout), not the "rotate half" layout of Llama-style code. Computed in float32."""
+    x = x_BTHD.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x_even, x_odd = x[..., 0], x[..., 1]
+    cos = table_T_D2_2[None, :, None, :, 0]
+    sin = table_T_D2_2[None, :, None, :, 1]
+    rotated = torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x_BTHD)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with a fused [q; k; v] projection and the paper's qk_bias."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        C = config.hidden_size
+        self.qkv = nn.Linear(C, 3 * C, bias=False)  # rows [q; k; v], each num_heads x head_dim
+        self.proj = nn.Linear(C, C, bias=False)
+        # [0] is added to q and [1] to k, before RoPE.
+        self.qk_bias = nn.Parameter(torch.zeros(2, 1, config.num_heads, config.head_dim)) if config.qk_bias else None
+
+    def forward(self, x_BTC: torch.Tensor, rope_T_D2_2: torch.Tensor) -> torch.Tensor:
+        B, T, C = x_BTC.shape
+        q, k, v = self.qkv(x_BTC).view(B, T, 3, self.num_heads, self.head_dim).unbind(dim=2)
+        if self.qk_bias is not None:
+            q = q + self.qk_bias[0].to(q.dtype)
+            k = k + self.qk_bias[1].to(k.dtype)
+        q, k = apply_rope(q, rope_T_D2_2), apply_rope(k, rope_T_D2_2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GatedMLP(nn.Module):
+    """silu(gate) * up with one fused input matrix whose rows are [gate; up]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class SandwichBlock(nn.Module):
+    """y = n2(x + Attn(n1(x))); out = n4(y + MLP(n3(y))). The layout that made the 3.5B run stable."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        learnable = config.norm_type == "rmsnorm"
+        self.norm_1, self.norm_2, self.norm_3, self.norm_4 = (
+            RMSNorm(config.hidden_size, config.norm_eps, learnable) for _ in range(4))
+        self.attn = Attention(config)
+        self.mlp = GatedMLP(config)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = self.norm_2(x + self.attn(self.norm_1(x), rope))
+        return self.norm_4(x + self.mlp(self.norm_3(x)))
+
+
+class PreNormBlock(nn.Module):
+    """x + Attn(n1(x)), then + MLP(n2(.)): the plain pre-norm ablation of the paper's failed runs."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        learnable = config.norm_type == "rmsnorm"
+        self.norm_1 = RMSNorm(config.hidden_size, config.norm_eps, learnable)
+        self.norm_2 = RMSNorm(config.hidden_size, config.norm_eps, learnable)
+        self.attn = Attention(config)
+        self.mlp = GatedMLP(config)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope)
+        return x + self.mlp(self.norm_2(x))
+
+
+BLOCK_CLASSES = {"sandwich": SandwichBlock, "prenorm": PreNormBlock}

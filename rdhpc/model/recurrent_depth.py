@@ -1,0 +1,195 @@
+"""The recurrent-depth language model (Geiping et al. 2025, "Huginn"):
+
+    e   = Prelude(embedding(x) * sqrt(h))
+    s_0 ~ TruncNormal(0, sqrt(2/(5h))) * sqrt(h) * init_scale        (fresh at every forward)
+    s_i = Core(Adapter([s_{i-1} ; e]))                               i = 1 .. r
+    p   = Coda(ln_f(s_r));   logits = head(ln_f(p))                   (ln_f applied twice, head tied)
+
+Training runs the first n iterations without gradient and the last k with it (truncated
+backpropagation); the depth r = n + k is drawn per optimizer step by rdhpc.model.sampling.
+
+Shape legend: B batch, T sequence, C hidden size, V padded vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from rdhpc.model.config import ModelConfig
+from rdhpc.model.layers import BLOCK_CLASSES, RMSNorm, rope_table
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # (B, T, V)
+    loss: torch.Tensor | None  # scalar mean cross-entropy over labels != IGNORE_INDEX
+    latent_state: torch.Tensor  # (B, T, C): s_r, the state after the last core iteration
+    num_steps: tuple[int, int]  # (iterations without gradient, iterations with gradient) actually run
+
+
+def _trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+class RecurrentDepthModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        problems = config.problems()
+        if problems:
+            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+        self.config = config
+        C, V = config.hidden_size, config.padded_vocab_size
+        Block = BLOCK_CLASSES[config.block_type]
+        self.embedding = nn.Embedding(V, C)
+        self.prelude = nn.ModuleList(Block(config) for _ in range(config.num_prelude_layers))
+        self.adapter = nn.Linear(2 * C, C, bias=False) if config.injection_type == "linear" else None
+        self.core = nn.ModuleList(Block(config) for _ in range(config.num_core_layers))
+        self.coda = nn.ModuleList(Block(config) for _ in range(config.num_coda_layers))
+        self.final_norm = RMSNorm(C, config.norm_eps, learnable=config.norm_type == "rmsnorm")
+        # A tied head reuses embedding.weight through F.linear, so the weight is one parameter,
+        # counted and sharded once (what ZeRO-3 and the released checkpoint expect).
+        self.lm_head = None if config.tie_embeddings else nn.Linear(C, V, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ---- initialisation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self):
+        """The "takase" scheme of the paper, all truncated at +-3 std (h = hidden size,
+        L = P + R * mean_recurrence + C the effective depth):
+
+        | weight                                   | init                          | 3.5B value |
+        |------------------------------------------|-------------------------------|------------|
+        | embedding, qkv, MLP fc, adapter, lm_head | N(0, sqrt(2/(5h)))            | 8.704e-3   |
+        | attention proj, MLP proj (block outputs) | N(0, sqrt(2/(5h)) / sqrt(2L)) | 5.357e-4   |
+        | norm weights                             | 1                             |            |
+        | qk_bias                                  | 0                             |            |
+
+        Call after building on the meta device and moving to a real one (`to_empty`); seed with
+        torch.manual_seed for a reproducible draw.
+        """
+        std, out_std = self.config.init_std, self.config.out_proj_init_std
+        trunc = _trunc_normal_
+
+        trunc(self.embedding.weight, std)
+        if self.adapter is not None:
+            trunc(self.adapter.weight, std)
+        if self.lm_head is not None:
+            trunc(self.lm_head.weight, std)
+        for block in (*self.prelude, *self.core, *self.coda):
+            trunc(block.attn.qkv.weight, std)
+            trunc(block.mlp.fc.weight, std)
+            trunc(block.attn.proj.weight, out_std)
+            trunc(block.mlp.proj.weight, out_std)
+            if block.attn.qk_bias is not None:
+                block.attn.qk_bias.zero_()
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    # ---- forward --------------------------------------------------------------------------------
+    def resolve_num_steps(self, num_steps) -> tuple[int, int]:
+        """None -> the mean recurrence; an int r -> (max(r - k, 0), min(r, k)) with k the backprop
+        depth; a pair (n, k) is taken as given. The trainer passes pairs drawn by DepthSampler."""
+        if num_steps is None:
+            num_steps = self.config.mean_recurrence
+        if isinstance(num_steps, torch.Tensor):
+            num_steps = num_steps.tolist()
+        if isinstance(num_steps, int):
+            if num_steps < 1:
+                raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+            with_grad = min(num_steps, self.config.mean_backprop_depth)
+            return num_steps - with_grad, with_grad
+        n_no_grad, n_grad = (int(s) for s in num_steps)
+        if n_no_grad < 0 or n_grad < 0 or n_no_grad + n_grad < 1:
+            raise ValueError(f"num_steps (without grad, with grad) must be >= 0 with a positive sum, got {num_steps}")
+        return n_no_grad, n_grad
+
+    def initial_state(self, like: torch.Tensor, init_scale: float = 1.0) -> torch.Tensor:
+        """s_0: truncated normal of std sqrt(2/(5h)), times the embedding scale (effective std
+        sqrt(2/5)); init_scale=0 gives the zero state that makes the forward deterministic."""
+        if init_scale == 0:
+            return torch.zeros_like(like)
+        state = _trunc_normal_(torch.empty(like.shape, device=like.device, dtype=torch.float32), self.config.init_std)
+        return (state * (self.config.embedding_scale * init_scale)).to(like.dtype)
+
+    def core_iteration(self, state: torch.Tensor, embedded: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """One application of the recurrent core: s_i = R(A([s_{i-1} ; e]))."""
+        if self.adapter is not None:
+            x = self.adapter(torch.cat([state, embedded], dim=-1))
+        else:
+            x = state + embedded
+        for block in self.core:
+            x = block(x, rope)
+        return x
+
+    def iterate(self, state, embedded, rope, num_steps: tuple[int, int]) -> torch.Tensor:
+        n_no_grad, n_grad = num_steps
+        # The no-grad iterations keep no activations; only the last n_grad build a graph, so
+        # memory grows with k, not with the sampled depth.
+        with torch.no_grad():
+            for _ in range(n_no_grad):
+                state = self.core_iteration(state, embedded, rope)
+        for _ in range(n_grad):
+            if self.config.activation_checkpointing and torch.is_grad_enabled():
+                state = checkpoint(self.core_iteration, state, embedded, rope, use_reentrant=False)
+            else:
+                state = self.core_iteration(state, embedded, rope)
+        return state
+
+    def forward(self, input_ids: torch.Tensor, num_steps=None, labels: torch.Tensor | None = None,
+                init_scale: float = 1.0, input_states: torch.Tensor | None = None,
+                return_logits: bool = True) -> ModelOutput:
+        B, T = input_ids.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len = {self.config.max_seq_len}")
+        steps = self.resolve_num_steps(num_steps)
+        rope = rope_table(self.config.head_dim, T, self.config.rope_base, device=input_ids.device)
+
+        x = self.embedding(input_ids) * self.config.embedding_scale
+        for block in self.prelude:
+            x = block(x, rope)
+        embedded = x
+        state = input_states if input_states is not None else self.initial_state(embedded, init_scale)
+        state = self.iterate(state, embedded, rope, steps)
+
+        x = self.final_norm(state)
+        for block in self.coda:
+            x = block(x, rope)
+        x = self.final_norm(x)
+        head_weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head_weight)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits if return_logits else None, loss, state, steps)
+
+    # ---- bookkeeping ----------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """Stored parameters by part; `recurrent` is the core, `unrolled(r)` counts it r times."""
+        def count(modules):
+            return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+        counts = {
+            "embedding": self.embedding.weight.numel(),
+            "prelude": count(self.prelude),
+            "adapter": count([self.adapter]),
+            "core": count(self.core),
+            "coda": count(self.coda),
+            "final_norm": count([self.final_norm]),
+            "lm_head": count([self.lm_head]),
+        }
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+        return counts
+
+    def unrolled_parameters(self, depth: int) -> int:
+        """Parameters traversed per token at recurrence depth r (core and adapter counted r times)."""
+        c = self.parameter_counts()
+        return c["total"] + (depth - 1) * (c["core"] + c["adapter"])
