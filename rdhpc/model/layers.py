@@ -13,6 +13,11 @@ from torch import nn
 from rdhpc.model.config import ModelConfig
 
 
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 inputs; float64 stays float64 (exact reference checks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, cast back to the input dtype (eps 1e-6 in the 3.5B model)."""
 
@@ -22,10 +27,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if learnable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(at_least_float32(x.dtype))
         out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            out = out * self.weight.float()
+            out = out * self.weight.to(x32.dtype)
         return out.type_as(x)
 
     def reset_parameters(self):
@@ -33,17 +38,18 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
 
-def rope_table(head_dim: int, max_seq_len: int, base: float, device=None) -> torch.Tensor:
-    """cos/sin of the RoPE angles in float32: (max_seq_len, head_dim / 2, 2)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+def rope_table(head_dim: int, max_seq_len: int, base: float, device=None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """cos/sin of the RoPE angles, in float32 unless asked for float64: (max_seq_len, head_dim / 2, 2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=dtype), inv_freq)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x_BTHD: torch.Tensor, table_T_D2_2: torch.Tensor) -> torch.Tensor:
     """Rotate ADJACENT pairs (2i, 2i+1) of the head dim, as the released model does (its complex-number
     layout), not the "rotate half" layout of Llama-style code. Computed in float32."""
-    x = x_BTHD.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x = x_BTHD.to(table_T_D2_2.dtype).unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
     x_even, x_odd = x[..., 0], x[..., 1]
     cos = table_T_D2_2[None, :, None, :, 0]
     sin = table_T_D2_2[None, :, None, :, 1]

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rdhpc.model.config import ModelConfig
-from rdhpc.model.layers import BLOCK_CLASSES, RMSNorm, rope_table
+from rdhpc.model.layers import BLOCK_CLASSES, RMSNorm, at_least_float32, rope_table
 
 IGNORE_INDEX = -100
 
@@ -151,7 +151,8 @@ class RecurrentDepthModel(nn.Module):
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len = {self.config.max_seq_len}")
         steps = self.resolve_num_steps(num_steps)
-        rope = rope_table(self.config.head_dim, T, self.config.rope_base, device=input_ids.device)
+        rope = rope_table(self.config.head_dim, T, self.config.rope_base, device=input_ids.device,
+                          dtype=at_least_float32(self.embedding.weight.dtype))
 
         x = self.embedding(input_ids) * self.config.embedding_scale
         for block in self.prelude:
