@@ -19,6 +19,7 @@ setup(
         "deepspeed>=0.16",
         "numpy",
         "pyarrow>=15",
+        "zstandard",
         "tokenizers>=0.19",
         "submitit>=1.5",
         "tensorboard>=2.15",

@@ -13,7 +13,6 @@ import sys
 
 # Subcommands that belong to the pipeline but are not built yet: (name, what it will do, issue).
 PLANNED = [
-    ("prep", "tokenizer training, tokenize-and-pack into verified Arrow shards", 8),
     ("train", "DeepSpeed ZeRO pretraining with exact resume", 3),
     ("launch", "start N local ranks of the trainer", 3),
     ("submit", "submit training or a prep stage to Slurm through submitit", 4),
@@ -78,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
+    from data_prep.cli import add_prep_parser
+
+    add_prep_parser(sub)
+
     for name, what, issue in PLANNED:
         p = sub.add_parser(name, help=f"(not built yet: issue {issue}) {what}")
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -91,8 +94,12 @@ def _not_built(name: str, issue: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_prep.shards import PrepError
+    from data_prep.sources import InputError
     from rdhpc.config import ConfigError
-    from rdhpc.model import CheckpointError
+    from rdhpc.data.format import ShardError
+    from rdhpc.data.tokenizer import TokenizerError
+    from rdhpc.model.huginn import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
@@ -100,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rdhpc {args.command}: {exc}", file=sys.stderr)
         return 2
-    except CheckpointError as exc:
-        print(f"rdhpc {args.command}: bad checkpoint: {exc}", file=sys.stderr)
+    except (CheckpointError, ShardError, TokenizerError, InputError, PrepError) as exc:
+        print(f"rdhpc {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

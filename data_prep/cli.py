@@ -1,0 +1,74 @@
+"""`rdhpc prep` subcommands: tokenizer, shards, verify, inspect."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _size(text: str) -> int:
+    return int(float(text))
+
+
+def add_prep_parser(sub) -> None:
+    prep = sub.add_parser("prep", help="data preparation: tokenizer, shards, verify, inspect")
+    stages = prep.add_subparsers(dest="stage", metavar="STAGE", required=True)
+
+    p = stages.add_parser("tokenizer", help="train the byte-level BPE tokenizer")
+    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="tokenizer.json to write")
+    p.add_argument("--sample-bytes", type=_size, default=1 << 30, help="train on at most this much text")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(func=_tokenizer)
+
+    p = stages.add_parser("shards", help="tokenize and pack inputs into Arrow shards")
+    p.add_argument("--input", nargs="+", required=True, action="extend",
+                   help="inputs: PATH or NAME=PATH (file, directory or glob); NAME groups a mixture source")
+    p.add_argument("--weight", nargs="+", default=[], action="extend", metavar="NAME=W",
+                   help="up-sample a source: floor(W) copies plus a seeded fraction")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--seq-len", type=int, required=True, help="L: rows hold L + 1 tokens")
+    p.add_argument("--out", required=True)
+    p.add_argument("--pack", choices=["drop", "carry"], default="drop")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes on this machine (per rank)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--rows-per-shard", type=int, default=8192)
+    p.add_argument("--piece-bytes", type=_size, default=64 << 20, help="input bytes per task (parallelism only)")
+    p.add_argument("--strict", action="store_true", help="fail on the first malformed record instead of skipping")
+    p.set_defaults(func=_shards)
+
+    p = stages.add_parser("verify", help="check shards against their manifest (schema, counts, checksums)")
+    p.add_argument("dir")
+    p.add_argument("--no-checksums", action="store_true")
+    p.set_defaults(func=lambda a: __import__("data_prep.inspect", fromlist=["verify"]).verify(
+        a.dir, checksums=not a.no_checksums))
+
+    p = stages.add_parser("inspect", help="decoded rows and a token histogram")
+    p.add_argument("dir")
+    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--split", choices=["train", "val"], default="train")
+    p.set_defaults(func=lambda a: __import__("data_prep.inspect", fromlist=["inspect"]).inspect(
+        a.dir, rows=a.rows, split=a.split))
+
+
+def _tokenizer(args) -> int:
+    from data_prep.tokenizer_train import train_tokenizer
+
+    train_tokenizer(args.input, args.vocab_size, args.out, args.sample_bytes, args.seed, args.text_field)
+    return 0
+
+
+def _shards(args) -> int:
+    import sys
+
+    from data_prep.shards import ShardSettings, run_shards
+
+    settings = ShardSettings(inputs=args.input, weights=args.weight, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                             out=args.out, pack=args.pack, val_fraction=args.val_fraction, seed=args.seed,
+                             workers=args.workers, text_field=args.text_field, rows_per_shard=args.rows_per_shard,
+                             piece_bytes=args.piece_bytes, strict=args.strict)
+    run_shards(settings, command=["rdhpc", *sys.argv[1:]])
+    return 0

@@ -1,0 +1,377 @@
+"""`rdhpc prep shards`: tokenize and pack corpora into verified Arrow shards, in parallel, restartable.
+
+    rdhpc prep shards --input web=data/web/ --input code=data/code/*.jsonl.zst --weight code=2.0 \
+        --tokenizer tok.json --seq-len 4096 --out shards/ --workers 8
+    srun -n 16 rdhpc prep shards ...        # or: mpirun -n 16 rdhpc prep shards ...
+
+Two stages, each a list of independent tasks split over ranks (task i goes to rank i % world) and,
+inside a rank, over `--workers` processes:
+1. tokenize: each piece of the input (rdhpc.data_prep.sources.Piece) -> `.work/tok/piece-N.arrow`,
+   documents with their seeded keys, split and copy count;
+2. pack: each output shard gathers its documents from every piece (key % num_shards), orders them
+   by key and packs them -> `train-N.arrow` / `val-N.arrow`.
+Every file is written under a temporary name and renamed when complete; a stage waits for the other
+ranks through the files themselves, so an interrupted run started again redoes only what is missing
+and produces the same bytes. Rank 0 writes manifest.json last; its presence means "finished".
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data_prep.packing import PACK_MODES, copy_keys, document_keys, is_validation, num_copies, pack
+from data_prep.sources import InputError, Piece, parse_sources, plan_pieces, read_piece
+from rdhpc.data.format import (Manifest, ShardEntry, TokenizerInfo, read_manifest, shard_name, token_dtype,
+                               write_shard)
+from rdhpc.data.tokenizer import TextTokenizer
+from rdhpc.distributed import discover_ranks
+
+WORK_DIR = ".work"
+ENCODE_BATCH_BYTES = 1 << 20  # texts per encode_batch call: bounds the encoder's per-call memory
+MAX_REPORTED_PROBLEMS = 200
+
+
+class PrepError(RuntimeError):
+    pass
+
+
+@dataclass
+class ShardSettings:
+    inputs: list[str]
+    tokenizer: str
+    seq_len: int
+    out: str
+    weights: list[str] = field(default_factory=list)
+    pack: str = "drop"
+    val_fraction: float = 0.05
+    seed: int = 0
+    workers: int = 1
+    text_field: str = "text"
+    rows_per_shard: int = 8192
+    piece_bytes: int = 64 << 20
+    strict: bool = False
+    wait_timeout: float = 24 * 3600.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.pack not in PACK_MODES:
+            out.append(f"--pack: unknown mode {self.pack!r}; choose one of {list(PACK_MODES)}")
+        if self.seq_len < 1:
+            out.append(f"--seq-len: must be >= 1, got {self.seq_len}")
+        if not 0 <= self.val_fraction < 1:
+            out.append(f"--val-fraction: must be in [0, 1), got {self.val_fraction}")
+        for name in ("workers", "rows_per_shard", "piece_bytes"):
+            if getattr(self, name) < 1:
+                out.append(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        return out
+
+
+# ---- the settings that determine the output ------------------------------------------------------
+
+def output_fingerprint(settings: ShardSettings, sources, tokenizer: TextTokenizer) -> dict:
+    """Everything the bytes of the output depend on, and nothing else (not workers, ranks, pieces)."""
+    return {
+        "sources": [{"name": s.name, "weight": s.weight,
+                     "files": [[f, os.path.getsize(f)] for f in s.files]} for s in sources],
+        "tokenizer_sha256": tokenizer.sha256,
+        "seq_len": settings.seq_len,
+        "pack": settings.pack,
+        "val_fraction": settings.val_fraction,
+        "seed": settings.seed,
+        "text_field": settings.text_field,
+        "rows_per_shard": settings.rows_per_shard,
+    }
+
+
+# ---- stage 1: tokenize one piece -----------------------------------------------------------------
+
+_worker_state: dict = {}
+
+
+def _init_worker(settings_dict: dict, threads_per_worker: int | None):
+    if threads_per_worker:
+        os.environ["RAYON_NUM_THREADS"] = str(threads_per_worker)  # before tokenizers starts its pool
+    settings = ShardSettings(**settings_dict)
+    _worker_state["settings"] = settings
+    _worker_state["tokenizer"] = TextTokenizer(settings.tokenizer)
+    _worker_state["sources"] = parse_sources(settings.inputs, settings.weights)
+
+
+def _piece_path(work: Path, index: int) -> Path:
+    return work / "tok" / f"piece-{index:06d}.arrow"
+
+
+_PIECE_SCHEMA = pa.schema([("key", pa.uint64()), ("val", pa.bool_()), ("copies", pa.uint16()),
+                           ("tokens", pa.large_list(pa.uint32()))])
+
+
+def tokenize_piece(task: tuple[int, Piece]) -> dict:
+    index, piece = task
+    settings: ShardSettings = _worker_state["settings"]
+    tokenizer: TextTokenizer = _worker_state["tokenizer"]
+    source = _worker_state["sources"][piece.source]
+    work = Path(settings.out) / WORK_DIR
+    result = read_piece(piece, settings.text_field)
+    if settings.strict and result.problems:
+        raise PrepError(f"{result.problems[0]} (--strict: stopping; without it such records are skipped and reported)")
+    keys = document_keys(settings.seed, source.name, piece.file, np.asarray(result.records, dtype=np.uint64))
+    val = is_validation(keys, settings.val_fraction)
+    copies = np.where(val, 1, num_copies(keys, source.weight)).astype(np.uint16)
+
+    token_arrays, batch, batch_bytes = [], [], 0
+    for text in result.texts:
+        batch.append(text)
+        batch_bytes += len(text)
+        if batch_bytes >= ENCODE_BATCH_BYTES:
+            token_arrays += tokenizer.encode_batch(batch)
+            batch, batch_bytes = [], 0
+    if batch:
+        token_arrays += tokenizer.encode_batch(batch)
+    lengths = np.fromiter((len(t) for t in token_arrays), dtype=np.int64, count=len(token_arrays))
+    offsets = np.zeros(len(token_arrays) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(token_arrays) if token_arrays else np.empty(0, dtype=np.uint32)
+    table = pa.table([pa.array(keys, pa.uint64()), pa.array(val), pa.array(copies, pa.uint16()),
+                      pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.uint32)))],
+                     schema=_PIECE_SCHEMA)
+    path = _piece_path(work, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, _PIECE_SCHEMA) as writer:
+        writer.write_table(table)
+    stats = {
+        "piece": index, "source": source.name, "documents": len(keys), "bytes": result.bytes_read,
+        "tokens": int(lengths.sum()),
+        "train_documents": int((~val).sum()), "val_documents": int(val.sum()),
+        # +2 per document: BOS and EOS
+        "train_tokens_with_copies": int(((lengths + 2) * copies)[~val].sum()),
+        "val_tokens": int((lengths + 2)[val].sum()),
+        # drop packing keeps at most one row per document start: what sizes its shards
+        "train_capped_tokens_with_copies": int((np.minimum(lengths + 2, settings.seq_len + 1) * copies)[~val].sum()),
+        "val_capped_tokens": int(np.minimum(lengths + 2, settings.seq_len + 1)[val].sum()),
+        "train_copies": int(copies[~val].sum()),
+        "problems": [asdict(p) for p in result.problems],
+    }
+    _write_json_atomic(path.with_suffix(".json"), stats)
+    os.replace(tmp, path)  # the .arrow appears last: its presence means the piece is complete
+    return stats
+
+
+# ---- stage 2: pack one shard ---------------------------------------------------------------------
+
+def _open_piece(path: Path):
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    tokens = table.column("tokens").combine_chunks()
+    return (table.column("key").to_numpy(), table.column("val").to_numpy(zero_copy_only=False),
+            table.column("copies").to_numpy().astype(np.int64), tokens.offsets.to_numpy(), tokens.values.to_numpy())
+
+
+def pack_shard(task: tuple[str, int, int, int]) -> dict:
+    split, group, num_groups, num_pieces = task
+    settings: ShardSettings = _worker_state["settings"]
+    tokenizer: TextTokenizer = _worker_state["tokenizer"]
+    work = Path(settings.out) / WORK_DIR
+    order_keys, docs = [], []
+    for index in range(num_pieces):
+        keys, val, copies, offsets, values = _open_piece(_piece_path(work, index))
+        selected = np.flatnonzero(val == (split == "val"))
+        doc_index, keys_of_copies = copy_keys(keys[selected], copies[selected])
+        mine = np.flatnonzero(keys_of_copies % np.uint64(num_groups) == np.uint64(group))
+        for row, key in zip(selected[doc_index[mine]], keys_of_copies[mine]):
+            order_keys.append(key)
+            docs.append(values[offsets[row]:offsets[row + 1]])
+    order = np.argsort(np.asarray(order_keys, dtype=np.uint64), kind="stable")
+    docs = [docs[i] for i in order]
+    rows, counts = pack(docs, settings.seq_len + 1, settings.pack, tokenizer.bos_id, tokenizer.eos_id,
+                        tokenizer.pad_id, dtype=np.uint32)
+    dtype = token_dtype(tokenizer.vocab_size)
+    path = Path(settings.out) / shard_name(split, group)
+    entry = write_shard(path, rows, seq_len=settings.seq_len, dtype=dtype, tokenizer_sha256=tokenizer.sha256,
+                        split=split)
+    entry.update(real_tokens=counts["real_tokens"], pad_tokens=counts["pad_tokens"], documents=counts["documents"],
+                 dropped_tokens=counts["dropped_tokens"])
+    _write_json_atomic(work / "shards" / (path.name + ".json"), entry)
+    return entry
+
+
+# ---- orchestration -------------------------------------------------------------------------------
+
+def _write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _wait_for(paths: list[Path], work: Path, what: str, timeout: float) -> None:
+    """A file barrier: wait until every path exists, failing at once if any rank left a FAILED note."""
+    deadline = time.monotonic() + timeout
+    while True:
+        failed = sorted(work.glob("FAILED-rank*"))
+        if failed:
+            raise PrepError(f"{failed[0].name.removeprefix('FAILED-')} failed: {failed[0].read_text().strip()}")
+        missing = [p for p in paths if not p.exists()]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise PrepError(f"timed out after {timeout:.0f} s waiting for other ranks to {what}: "
+                            f"{len(missing)} outputs missing, e.g. {missing[0]}")
+        time.sleep(0.2)
+
+
+def _run_tasks(fn, tasks, settings: ShardSettings, desc: str, show_progress: bool, unit: str):
+    """Run tasks in this process (1 worker) or a pool of spawned processes, with a progress bar."""
+    from tqdm import tqdm
+
+    results = []
+    bar = tqdm(total=len(tasks), desc=desc, unit=unit, disable=not show_progress, file=sys.stderr,
+               dynamic_ncols=True)
+    start, documents, tokens = time.monotonic(), 0, 0
+
+    def record(result):
+        nonlocal documents, tokens
+        results.append(result)
+        documents += result.get("documents", 0)
+        tokens += result.get("tokens", result.get("real_tokens", 0))
+        elapsed = max(time.monotonic() - start, 1e-9)
+        bar.set_postfix_str(f"{documents / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tokens/s")
+        bar.update(1)
+
+    try:
+        if settings.workers == 1 or len(tasks) <= 1:
+            if "settings" not in _worker_state:
+                _init_worker(asdict(settings), None)
+            for task in tasks:
+                record(fn(task))
+        else:
+            threads = max(1, (os.cpu_count() or 1) // settings.workers)
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(min(settings.workers, len(tasks)), initializer=_init_worker,
+                          initargs=(asdict(settings), threads)) as pool:
+                for result in pool.imap_unordered(fn, tasks):
+                    record(result)
+    finally:
+        bar.close()
+    return results
+
+
+def _num_groups(tokens: int, settings: ShardSettings) -> int:
+    return max(1, -(-tokens // (settings.rows_per_shard * (settings.seq_len + 1))))
+
+
+def run_shards(settings: ShardSettings, command: list[str] | None = None, log=print) -> Path:
+    problems = settings.problems()
+    if problems:
+        raise InputError("; ".join(problems))
+    ranks = discover_ranks()
+    out, work = Path(settings.out), Path(settings.out) / WORK_DIR
+    sources = parse_sources(settings.inputs, settings.weights)
+    tokenizer = TextTokenizer(settings.tokenizer)
+    fingerprint = output_fingerprint(settings, sources, tokenizer)
+    show = ranks.is_main and sys.stderr.isatty() or os.environ.get("RDHPC_PROGRESS") == "1"
+
+    if (out / "manifest.json").exists():
+        manifest = read_manifest(out)
+        if manifest.settings == fingerprint:
+            if ranks.is_main:
+                shutil.rmtree(work, ignore_errors=True)
+                log(f"[prep] nothing to do: {out} already holds these shards "
+                    f"({manifest.totals('train')['rows']} train rows, {manifest.totals('val')['rows']} val rows)")
+            return out
+        raise PrepError(f"{out}: holds shards made with other settings "
+                        f"({', '.join(k for k in fingerprint if manifest.settings.get(k) != fingerprint[k])} differ); "
+                        "use another --out or delete the folder")
+
+    settings_file = work / "settings.json"
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if settings_file.exists() and json.loads(settings_file.read_text()) != fingerprint:
+            raise PrepError(f"{out}: an unfinished run with other settings is in it; use another --out or delete it")
+        for stale in work.glob("FAILED-rank*"):
+            stale.unlink()
+        _write_json_atomic(settings_file, fingerprint)
+    else:
+        _wait_for([settings_file], work, "start", settings.wait_timeout)
+        if json.loads(settings_file.read_text()) != fingerprint:
+            raise PrepError(f"rank {ranks.rank}: inputs or settings differ from rank 0's")
+    try:
+        pieces = plan_pieces(sources, settings.piece_bytes)
+        piece_paths = [_piece_path(work, i) for i in range(len(pieces))]
+        todo = [(i, p) for i, p in enumerate(pieces) if i % ranks.world_size == ranks.rank and not piece_paths[i].exists()]
+        if ranks.is_main:
+            log(f"[prep] {sum(len(s.files) for s in sources)} files in {len(sources)} source(s) -> {len(pieces)} pieces, "
+                f"{ranks.world_size} rank(s) ({ranks.launcher}) x {settings.workers} worker(s)"
+                + (f"; resuming: {sum(p.exists() for p in piece_paths)} pieces already tokenized"
+                   if any(p.exists() for p in piece_paths) else ""))
+        _run_tasks(tokenize_piece, todo, settings, "tokenize", show, "piece")
+        _wait_for(piece_paths, work, "tokenize", settings.wait_timeout)
+
+        stats = [json.loads(p.with_suffix(".json").read_text()) for p in piece_paths]
+        capped = "capped_" if settings.pack == "drop" else ""
+        groups = {"train": _num_groups(sum(s[f"train_{capped}tokens_with_copies"] for s in stats), settings),
+                  "val": _num_groups(sum(s[f"val_{capped}tokens"] for s in stats), settings)
+                  if any(s["val_documents"] for s in stats) else 0}
+        tasks = [(split, g, groups[split], len(pieces)) for split in ("train", "val") for g in range(groups[split])]
+        shard_stats = [work / "shards" / (shard_name(split, g) + ".json") for split, g, _, _ in tasks]
+        todo = [t for i, t in enumerate(tasks) if i % ranks.world_size == ranks.rank and not shard_stats[i].exists()]
+        _run_tasks(pack_shard, todo, settings, "pack", show, "shard")
+        _wait_for(shard_stats, work, "pack", settings.wait_timeout)
+    except BaseException as exc:
+        (work / f"FAILED-rank{ranks.rank}").write_text(f"{type(exc).__name__}: {exc}\n")
+        raise
+    if not ranks.is_main:
+        return out
+
+    entries = [json.loads(p.read_text()) for p in shard_stats]
+    report = _report(stats, entries, sources)
+    manifest = Manifest(
+        seq_len=settings.seq_len, dtype=token_dtype(tokenizer.vocab_size), pack=settings.pack,
+        tokenizer=TokenizerInfo(str(Path(settings.tokenizer).resolve()), tokenizer.sha256, tokenizer.vocab_size,
+                                tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id),
+        shards=[ShardEntry(**{k: e[k] for k in ShardEntry.__dataclass_fields__}) for e in entries],
+        settings=fingerprint, command=list(command or sys.argv), report=report)
+    manifest.write(out)
+    shutil.rmtree(work, ignore_errors=True)
+    train, val = manifest.totals("train"), manifest.totals("val")
+    log(f"[prep] wrote {out}: train {train['rows']} rows / {train['real_tokens']:,} tokens in "
+        f"{len(manifest.split_shards('train'))} shards, val {val['rows']} rows / {val['real_tokens']:,} tokens; "
+        f"{report['documents_read']:,} documents read, {report['records_skipped']} records skipped, "
+        f"{report['dropped_tokens']:,} tokens dropped by {settings.pack} packing")
+    for problem in report["problems"][:5]:
+        log(f"[prep]   skipped {problem}")
+    return out
+
+
+def _report(piece_stats: list[dict], shard_entries: list[dict], sources) -> dict:
+    problems = [p for s in piece_stats for p in s["problems"]]
+    by_source = {}
+    for s in piece_stats:
+        entry = by_source.setdefault(s["source"], {"documents": 0, "bytes": 0, "tokens": 0,
+                                                    "train_tokens_with_copies": 0, "skipped": 0})
+        entry["documents"] += s["documents"]
+        entry["bytes"] += s["bytes"]
+        entry["tokens"] += s["tokens"]
+        entry["train_tokens_with_copies"] += s["train_tokens_with_copies"]
+        entry["skipped"] += len(s["problems"])
+    reasons = {}
+    for p in problems:
+        reason = p["reason"].split(" (")[0]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return {
+        "documents_read": sum(s["documents"] for s in piece_stats),
+        "records_skipped": len(problems),
+        "skipped_by_reason": reasons,
+        "problems": [f"{p['file']}:{p['line']}: {p['reason']}" for p in problems[:MAX_REPORTED_PROBLEMS]],
+        "dropped_tokens": sum(e["dropped_tokens"] for e in shard_entries),
+        "sources": {s.name: {"weight": s.weight, **by_source.get(s.name, {})} for s in sources},
+    }

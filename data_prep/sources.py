@@ -1,0 +1,253 @@
+"""Input corpora: expanding paths into files, cutting files into pieces, and reading documents.
+
+Formats: `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one JSON object per line, text in `text` or
+`--text-field`), `.parquet` (a string column), `.txt` (one document per file). Directories and
+globs expand to the supported files inside them, sorted, so every rank sees the same list.
+
+Nothing is silently lost: an undecodable line, malformed JSON, a missing or non-string field is
+recorded as a Problem with its file and line (row for parquet) and skipped, or raised with --strict.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt")
+
+
+class InputError(ValueError):
+    pass
+
+
+@dataclass
+class Problem:
+    file: str
+    line: int  # 1-based line (jsonl), row (parquet) or line of the first bad byte (txt)
+    reason: str
+
+    def __str__(self):
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+@dataclass
+class Source:
+    """A named part of the mixture. Weight w: floor(w) whole copies plus a seeded fraction."""
+
+    name: str
+    files: list[str]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of one file that one worker reads: a byte range of a plain .jsonl file, one row
+    group of a parquet file, or a whole file. Records are numbered within their file."""
+
+    source: int  # index into the source list
+    file: str
+    start: int = 0  # byte offset (jsonl) or row group (parquet)
+    end: int = -1  # exclusive; -1 = to the end
+
+
+def file_format(path: str) -> str:
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+        if path.endswith(suffix):
+            return suffix
+    raise InputError(f"{path}: unsupported input format (supported: {', '.join(SUFFIXES)})")
+
+
+def expand(spec: str) -> list[str]:
+    """A file, a directory (its supported files, recursively) or a glob; sorted; never empty."""
+    if any(ch in spec for ch in "*?["):
+        matches = sorted(glob.glob(spec, recursive=True))
+    else:
+        matches = [spec]
+    files = []
+    for match in matches:
+        path = Path(match)
+        if path.is_dir():
+            files += sorted(str(p) for p in path.rglob("*") if p.is_file() and str(p).endswith(SUFFIXES))
+        elif path.is_file():
+            file_format(str(path))
+            files.append(str(path))
+        else:
+            raise InputError(f"{spec}: no such file or directory")
+    if not files:
+        raise InputError(f"{spec}: matches no input file (supported: {', '.join(SUFFIXES)})")
+    return files
+
+
+def parse_sources(inputs: list[str], weights: list[str] = ()) -> list[Source]:
+    """`name=path` inputs form named sources (several paths may share a name); plain paths belong
+    to the source "main". `--weight name=2.0` up-samples a source."""
+    by_name: dict[str, list[str]] = {}
+    for spec in inputs:
+        name, sep, path = spec.partition("=")
+        if not sep or os.path.exists(spec):
+            name, path = "main", spec
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise InputError(f"{spec}: source name {name!r} must be letters, digits, - or _")
+        by_name.setdefault(name, []).extend(expand(path))
+    parsed_weights = {}
+    for spec in weights:
+        name, sep, value = spec.partition("=")
+        if not sep:
+            raise InputError(f"--weight {spec}: expected name=number")
+        if name not in by_name:
+            raise InputError(f"--weight {spec}: no input source named {name!r} (sources: {sorted(by_name)})")
+        try:
+            parsed_weights[name] = float(value)
+        except ValueError:
+            raise InputError(f"--weight {spec}: {value!r} is not a number") from None
+        if not parsed_weights[name] > 0:
+            raise InputError(f"--weight {spec}: the weight must be > 0")
+    sources = [Source(name, sorted(set(files)), parsed_weights.get(name, 1.0)) for name, files in sorted(by_name.items())]
+    seen = {}
+    for source in sources:
+        for f in source.files:
+            if f in seen:
+                raise InputError(f"{f}: listed in two sources ({seen[f]!r} and {source.name!r})")
+            seen[f] = source.name
+    return sources
+
+
+def plan_pieces(sources: list[Source], piece_bytes: int) -> list[Piece]:
+    """Cut every file into pieces of about piece_bytes. Only the cut changes with piece_bytes; the
+    documents and their numbering do not, so the output does not depend on it."""
+    pieces = []
+    for index, source in enumerate(sources):
+        for path in source.files:
+            fmt = file_format(path)
+            if fmt == ".jsonl":
+                size = os.path.getsize(path)
+                for start in range(0, max(size, 1), piece_bytes):
+                    pieces.append(Piece(index, path, start, min(start + piece_bytes, size)))
+            elif fmt == ".parquet":
+                import pyarrow.parquet as pq
+
+                for group in range(max(pq.ParquetFile(path).num_row_groups, 1)):
+                    pieces.append(Piece(index, path, group, group + 1))
+            else:
+                pieces.append(Piece(index, path))
+    return pieces
+
+
+@dataclass
+class ReadResult:
+    """Documents of one piece: record numbers (unique within the file) and texts."""
+
+    records: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    bytes_read: int = 0
+
+
+def _check_text(text, path, line, text_field, result: ReadResult) -> bool:
+    if not isinstance(text, str):
+        reason = f"field {text_field!r} missing" if text is None else f"field {text_field!r} is {type(text).__name__}, not text"
+        result.problems.append(Problem(path, line, reason))
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates from JSON escapes such as "\ud800"
+        result.problems.append(Problem(path, line, f"invalid unicode in text ({exc.reason})"))
+        return False
+    return True
+
+
+def _jsonl_lines(piece: Piece) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) of the lines that START inside [start, end)."""
+    fmt = file_format(piece.file)
+    if fmt == ".jsonl.gz":
+        stream = gzip.open(piece.file, "rb")
+    elif fmt == ".jsonl.zst":
+        import zstandard
+
+        stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(piece.file, "rb"), closefd=True))
+    else:
+        stream = open(piece.file, "rb")
+    with stream:
+        line_number = 1
+        if piece.start > 0:
+            # Count the lines before our range, then skip to the first line that starts in it.
+            stream.seek(piece.start - 1)
+            first_is_line_start = stream.read(1) == b"\n"
+            with open(piece.file, "rb") as counter:
+                remaining, newlines = piece.start, 0
+                while remaining:
+                    chunk = counter.read(min(remaining, 1 << 24))
+                    newlines += chunk.count(b"\n")
+                    remaining -= len(chunk)
+            line_number = newlines + 1
+            if not first_is_line_start:
+                stream.readline()  # finish the line that started before our range
+                line_number += 1
+        position = stream.tell() if fmt == ".jsonl" else 0
+        for raw in stream:
+            if piece.end >= 0 and position >= piece.end:
+                break
+            position += len(raw)
+            yield line_number, raw
+            line_number += 1
+
+
+def read_piece(piece: Piece, text_field: str = "text") -> ReadResult:
+    result = ReadResult()
+    fmt = file_format(piece.file)
+    if fmt == ".txt":
+        data = Path(piece.file).read_bytes()
+        result.bytes_read = len(data)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[:exc.start].count(b"\n") + 1
+            result.problems.append(Problem(piece.file, line, f"undecodable bytes at offset {exc.start} ({exc.reason})"))
+            return result
+        result.records.append(0)
+        result.texts.append(text)
+    elif fmt == ".parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(piece.file)
+        if text_field not in parquet.schema_arrow.names:
+            result.problems.append(Problem(piece.file, 0, f"no column {text_field!r} (columns: {parquet.schema_arrow.names})"))
+            return result
+        first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(piece.start))
+        if parquet.num_row_groups:
+            column = parquet.read_row_group(piece.start, columns=[text_field]).column(0).to_pylist()
+            for offset, text in enumerate(column):
+                row = first_row + offset
+                if _check_text(text, piece.file, row + 1, text_field, result):
+                    result.records.append(row)
+                    result.texts.append(text)
+                    result.bytes_read += len(text)
+    else:
+        for line, raw in _jsonl_lines(piece):
+            result.bytes_read += len(raw)
+            if not raw.strip():
+                result.problems.append(Problem(piece.file, line, "empty line"))
+                continue
+            try:
+                decoded = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                result.problems.append(Problem(piece.file, line, f"undecodable bytes at column {exc.start + 1}"))
+                continue
+            try:
+                record = json.loads(decoded)
+            except json.JSONDecodeError as exc:
+                result.problems.append(Problem(piece.file, line, f"malformed JSON ({exc.msg})"))
+                continue
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(record, dict):
+                result.problems.append(Problem(piece.file, line, f"a JSON {type(record).__name__}, not an object"))
+            elif _check_text(text, piece.file, line, text_field, result):
+                result.records.append(line - 1)
+                result.texts.append(text)
+    return result

@@ -1,0 +1,1 @@
+"""The token data: shard format and manifest (format.py), tokenizer interface (tokenizer.py)."""
