@@ -20,7 +20,8 @@ setup(
         "numpy",
         "pyarrow>=15",
         "zstandard",
-        "tokenizers>=0.19",
+        "tokenizers>=0.21",
+        "gigatoken>=0.10",  # the fast encoder; HF tokenizers stays the reference it is checked against
         "submitit>=1.5",
         "tensorboard>=2.15",
         "safetensors>=0.4",

@@ -128,21 +128,21 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
     val = is_validation(keys, settings.val_fraction)
     copies = np.where(val, 1, num_copies(keys, source.weight)).astype(np.uint16)
 
-    token_arrays, batch, batch_bytes = [], [], 0
-    for text in result.texts:
+    value_parts, length_parts, batch, batch_bytes = [], [], [], 0
+    for i, text in enumerate(result.texts):
         batch.append(text)
         batch_bytes += len(text)
-        if batch_bytes >= ENCODE_BATCH_BYTES:
-            token_arrays += tokenizer.encode_batch(batch)
+        if batch_bytes >= ENCODE_BATCH_BYTES or i == len(result.texts) - 1:
+            values, offsets = tokenizer.encode_batch_flat(batch)
+            value_parts.append(values)
+            length_parts.append(np.diff(offsets))
             batch, batch_bytes = [], 0
-    if batch:
-        token_arrays += tokenizer.encode_batch(batch)
-    lengths = np.fromiter((len(t) for t in token_arrays), dtype=np.int64, count=len(token_arrays))
-    offsets = np.zeros(len(token_arrays) + 1, dtype=np.int64)
+    lengths = np.concatenate(length_parts) if length_parts else np.empty(0, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(token_arrays) if token_arrays else np.empty(0, dtype=np.uint32)
+    values = np.concatenate(value_parts) if value_parts else np.empty(0, dtype=np.uint32)
     table = pa.table([pa.array(keys, pa.uint64()), pa.array(val), pa.array(copies, pa.uint16()),
-                      pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.uint32)))],
+                      pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.uint32()))],
                      schema=_PIECE_SCHEMA)
     path = _piece_path(work, index)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,8 +249,7 @@ def _run_tasks(fn, tasks, settings: ShardSettings, desc: str, show_progress: boo
 
     try:
         if settings.workers == 1 or len(tasks) <= 1:
-            if "settings" not in _worker_state:
-                _init_worker(asdict(settings), None)
+            _init_worker(asdict(settings), None)  # every run: the state of an earlier run must not leak
             for task in tasks:
                 record(fn(task))
         else:
@@ -304,6 +303,8 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
         _wait_for([settings_file], work, "start", settings.wait_timeout)
         if json.loads(settings_file.read_text()) != fingerprint:
             raise PrepError(f"rank {ranks.rank}: inputs or settings differ from rank 0's")
+    # Alone, nothing can still be coming: a missing output is an error at once, not a wait.
+    wait_timeout = settings.wait_timeout if ranks.world_size > 1 else 0.0
     try:
         pieces = plan_pieces(sources, settings.piece_bytes)
         piece_paths = [_piece_path(work, i) for i in range(len(pieces))]
@@ -314,7 +315,7 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
                 + (f"; resuming: {sum(p.exists() for p in piece_paths)} pieces already tokenized"
                    if any(p.exists() for p in piece_paths) else ""))
         _run_tasks(tokenize_piece, todo, settings, "tokenize", show, "piece")
-        _wait_for(piece_paths, work, "tokenize", settings.wait_timeout)
+        _wait_for(piece_paths, work, "tokenize", wait_timeout)
 
         stats = [json.loads(p.with_suffix(".json").read_text()) for p in piece_paths]
         capped = "capped_" if settings.pack == "drop" else ""
@@ -325,12 +326,12 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
         shard_stats = [work / "shards" / (shard_name(split, g) + ".json") for split, g, _, _ in tasks]
         todo = [t for i, t in enumerate(tasks) if i % ranks.world_size == ranks.rank and not shard_stats[i].exists()]
         _run_tasks(pack_shard, todo, settings, "pack", show, "shard")
-        _wait_for(shard_stats, work, "pack", settings.wait_timeout)
+        if not ranks.is_main:
+            return out  # rank 0 gathers the shards' counts and may delete .work as soon as all exist
+        _wait_for(shard_stats, work, "pack", wait_timeout)
     except BaseException as exc:
         (work / f"FAILED-rank{ranks.rank}").write_text(f"{type(exc).__name__}: {exc}\n")
         raise
-    if not ranks.is_main:
-        return out
 
     entries = [json.loads(p.read_text()) for p in shard_stats]
     report = _report(stats, entries, sources)

@@ -2,7 +2,8 @@
 
     rdhpc prep tokenizer --input data/ --vocab-size 65536 --out tokenizer.json --sample-bytes 2e9
 
-Byte-level BPE with digits split into single tokens and tokens of at most 32 characters; the 32
+Byte-level BPE with digits split into single tokens (rdhpc.data.tokenizer.SPLIT_PATTERN) and tokens
+of at most 32 characters; the 32
 special tokens take the last 32 ids (for 65536: <|begin_text|> 65504, <|end_text|> 65505,
 <|end_turn|> 65508, <|pad|> 65509), as in the released tokenizer. Training reads a bounded,
 seeded sample of the documents (each document is taken with probability sample_bytes / input bytes).
@@ -17,7 +18,7 @@ import numpy as np
 
 from data_prep.packing import document_keys, unit_interval
 from data_prep.sources import InputError, parse_sources, plan_pieces, read_piece
-from rdhpc.data.tokenizer import MAX_TOKEN_LENGTH, NUM_SPECIAL_SLOTS, SPECIAL_TOKENS, TextTokenizer
+from rdhpc.data.tokenizer import MAX_TOKEN_LENGTH, NUM_SPECIAL_SLOTS, SPECIAL_TOKENS, SPLIT_PATTERN, TextTokenizer
 
 
 def sample_documents(inputs: list[str], sample_bytes: int, seed: int, text_field: str, stats: dict):
@@ -41,15 +42,15 @@ def sample_documents(inputs: list[str], sample_bytes: int, seed: int, text_field
 
 def train_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, sample_bytes: int = 1 << 30,
                     seed: int = 0, text_field: str = "text", min_frequency: int = 2, log=print) -> TextTokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size <= 256 + NUM_SPECIAL_SLOTS:
         raise InputError(f"--vocab-size {vocab_size}: must exceed 256 bytes + {NUM_SPECIAL_SLOTS} special tokens")
     tokenizer = Tokenizer(models.BPE())
     # No normalizer: every document must round-trip byte for byte.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),  # digits one by one
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -71,6 +72,7 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, sample_
     loaded = TextTokenizer(out)
     assert loaded.vocab_size == vocab_size and loaded.bos_id == vocab_size - NUM_SPECIAL_SLOTS
     log(f"[prep] tokenizer {out}: vocabulary {vocab_size} (BOS {loaded.bos_id}, EOS {loaded.eos_id}, "
-        f"pad {loaded.pad_id}), trained on {stats.get('documents', 0):,} documents / {stats.get('bytes', 0):,} bytes"
+        f"pad {loaded.pad_id}; encoder {loaded.backend}), "
+        f"trained on {stats.get('documents', 0):,} documents / {stats.get('bytes', 0):,} bytes"
         + (f", {stats['skipped']} malformed records skipped" if stats.get("skipped") else ""))
     return loaded

@@ -1,0 +1,373 @@
+"""Data preparation: tokenizer, packing rules, exactness, determinism, restarts, bad input, MPI."""
+
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep.packing import pack, unpack_carry
+from data_prep.shards import ShardSettings, run_shards
+from data_prep.tokenizer_train import train_tokenizer
+from rdhpc.data.format import ShardError, ShardReader, open_shard, read_manifest, verify_folder
+from rdhpc.data.tokenizer import TextTokenizer
+
+TRICKY = [
+    "",
+    "plain ascii text",
+    "日本語のテキストと中文字符，한국어도 있습니다。",
+    "emoji 👩‍👩‍👧‍👦 🏳️‍🌈 and flags 🇯🇵 and skin tones 👍🏽",
+    "control \x00\x01\x07\x1b[31m red \x7f and tabs\t\tend",
+    "windows\r\nline\r\nendings\r\n",
+    "lone \r carriage return and form feed \x0c",
+    "special strings stay text: <|begin_text|> <|end_text|> <|pad|> <|end_turn|>",
+    "digits 1234567890 and 3.14159",
+    "   leading and trailing spaces   ",
+    "\n\n\n",
+    "combining e\u0301 vs \u00e9, zero width \u200b joiner, RTL \u202e text",
+]
+
+
+def python_sources(num_files):
+    """Real text already on the machine: the standard library's modules (under 60 kB each)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = [p for p in sorted(root.glob("*.py")) if p.stat().st_size < 60_000]
+    assert len(paths) >= num_files
+    return [p.read_text(encoding="utf-8") for p in paths[:num_files]]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Real text in every supported format, with malformed records in known places."""
+    root = tmp_path_factory.mktemp("corpus")
+    texts = python_sources(130)
+    (root / "txt").mkdir()
+    for i, text in enumerate(texts[:20]):
+        (root / "txt" / f"doc{i:03d}.txt").write_text(text, encoding="utf-8")
+    with open(root / "a.jsonl", "w", encoding="utf-8") as f:
+        for text in texts[20:60] + TRICKY:
+            f.write(json.dumps({"text": text}) + "\n")
+        f.write("{not json\n")  # line 40 + len(TRICKY) + 1
+        f.write(json.dumps({"body": "no text field"}) + "\n")
+    with gzip.open(root / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        for text in texts[60:80]:
+            f.write(json.dumps({"text": text}) + "\n")
+    import zstandard
+
+    with open(root / "c.jsonl.zst", "wb") as raw:
+        with zstandard.ZstdCompressor().stream_writer(raw) as f:
+            for text in texts[80:100]:
+                f.write((json.dumps({"text": text}) + "\n").encode())
+    pq.write_table(pa.table({"text": texts[100:130]}), root / "d.parquet", row_group_size=7)
+    with open(root / "bad.jsonl", "wb") as f:
+        f.write(json.dumps({"text": "fine"}).encode() + b"\n")
+        f.write(b'{"text": "bad byte \xff here"}\n')
+        f.write(json.dumps({"text": 5}).encode() + b"\n")
+        f.write(b'{"text": "lone surrogate \\ud800"}\n')
+    return root, texts
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(corpus, tmp_path_factory):
+    root, _ = corpus
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_tokenizer([str(root)], vocab_size=1024, out=path, sample_bytes=3_000_000, log=lambda *a: None)
+    return path
+
+
+def prep(tmp_path, corpus_root, tokenizer_path, name="out", **kwargs):
+    settings = ShardSettings(inputs=kwargs.pop("inputs", [str(corpus_root)]), tokenizer=str(tokenizer_path),
+                             seq_len=kwargs.pop("seq_len", 128), out=str(tmp_path / name),
+                             rows_per_shard=kwargs.pop("rows_per_shard", 64), **kwargs)
+    return run_shards(settings, log=lambda *a: None)
+
+
+def shard_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.arrow"))}
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+
+def test_tokenizer_has_the_papers_special_layout(tokenizer_path):
+    tok = TextTokenizer(tokenizer_path)
+    assert tok.vocab_size == 1024
+    assert (tok.bos_id, tok.eos_id, tok.end_turn_id, tok.pad_id) == (1024 - 32, 1024 - 31, 1024 - 28, 1024 - 27)
+    # 65536 - 32 = 65504 is BOS in the released tokenizer: the same offsets
+    digits = tok.encode("31415926")
+    assert len(digits) == 8 and tok.decode(digits) == "31415926"
+    vocab = json.loads(Path(tokenizer_path).read_text())["model"]["vocab"]
+    assert max(len(token) for token in vocab) <= 32
+
+
+def test_every_text_round_trips_through_the_tokenizer(tokenizer_path):
+    tok = TextTokenizer(tokenizer_path)
+    for text in TRICKY:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert not set(ids.tolist()) & set(range(tok.bos_id, tok.vocab_size)), "special token inside a document"
+
+
+def test_fast_encoder_gives_the_reference_ids(corpus, tokenizer_path):
+    """gigatoken is used only because it is exact: the same ids as HF tokenizers on varied text."""
+    _, texts = corpus
+    fast, reference = TextTokenizer(tokenizer_path), TextTokenizer(tokenizer_path, backend="hf")
+    assert fast.backend == "gigatoken", fast.fallback_reason
+    rng = random.Random(1)
+    mixed = ["".join(rng.choice(TRICKY + texts[:5])[rng.randint(0, 40):][:rng.randint(0, 300)] for _ in range(5))
+             for _ in range(300)]
+    docs = texts + TRICKY + mixed + [" " * 1000 + "1" * 500, "x" * 100_000, "\r\n" * 500]
+    for a, b in zip(fast.encode_batch(docs), reference.encode_batch(docs)):
+        assert np.array_equal(a, b)
+
+
+def test_bad_tokenizer_files(tmp_path):
+    from rdhpc.data.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match="not found"):
+        TextTokenizer(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="bad.json"):
+        TextTokenizer(tmp_path / "bad.json")
+
+
+# ---- packing rules ------------------------------------------------------------------------------
+
+def test_drop_packing_rule():
+    docs = [np.arange(n, dtype=np.uint32) + 10 for n in (3, 9, 1, 0, 20, 2, 2)]
+    rows, counts = pack(docs, row_len=8, mode="drop", bos=1, eos=2, pad=0)
+    # doc0 (5 tokens) + doc1 (11) -> row cut at 8, rest dropped; doc2 (3) + doc3 (2) + doc4 (22) -> row;
+    # doc5 (4) + doc6 (4) -> exactly 8 -> row
+    assert rows.shape == (3, 8)
+    assert np.all(rows[:, 0] == 1)
+    assert rows[0].tolist() == [1, 10, 11, 12, 2, 1, 10, 11]
+    assert rows[2].tolist() == [1, 10, 11, 2, 1, 10, 11, 2]
+    assert counts["dropped_tokens"] == sum(len(d) + 2 for d in docs) - 24
+
+
+def test_carry_packing_round_trips_every_document():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 100, size=n).astype(np.uint32) for n in rng.integers(0, 40, size=200)]
+    rows, counts = pack(docs, row_len=16, mode="carry", bos=1, eos=2, pad=0)
+    back = unpack_carry(rows, bos=1, eos=2, pad=0)
+    assert len(back) == len(docs) and all(np.array_equal(a, b) for a, b in zip(back, docs))
+    assert counts["pad_tokens"] < 16 and counts["documents"] == len(docs)
+
+
+def test_carry_shards_give_back_every_document_exactly(tmp_path, corpus, tokenizer_path):
+    root, texts = corpus
+    # a document of tens of MB: real text, repeated, with a random multilingual tail
+    rng = np.random.default_rng(0)
+    tail = "".join(rng.choice(list("abcdefgh ij\n\r\t日本語🙂👍🏽\x00"), size=100_000))
+    long_doc = "".join(texts) * 10 + tail
+    assert len(long_doc.encode()) > 20_000_000
+    with open(tmp_path / "tricky.jsonl", "w", encoding="utf-8") as f:
+        for text in TRICKY + [long_doc]:
+            f.write(json.dumps({"text": text}) + "\n")
+    out = prep(tmp_path, root, tokenizer_path, inputs=[str(tmp_path / "tricky.jsonl"), str(root / "txt")],
+               pack="carry", val_fraction=0.0)
+    manifest = read_manifest(out)
+    tok = TextTokenizer(tokenizer_path)
+    decoded = []
+    for entry in manifest.shards:
+        rows = open_shard(out, entry, manifest).all_rows()
+        decoded += [tok.decode(d) for d in unpack_carry(rows, tok.bos_id, tok.eos_id, tok.pad_id)]
+    originals = TRICKY + [long_doc] + [p.read_text(encoding="utf-8") for p in sorted((root / "txt").iterdir())]
+    assert sorted(decoded) == sorted(originals)
+    assert manifest.totals("train")["documents"] == len(originals)
+
+
+def test_drop_shards_start_every_row_with_bos(tmp_path, corpus, tokenizer_path):
+    root, _ = corpus
+    out = prep(tmp_path, root, tokenizer_path, pack="drop")
+    manifest = read_manifest(out)
+    for entry in manifest.shards:
+        rows = open_shard(out, entry, manifest).all_rows()
+        assert np.all(rows[:, 0] == manifest.tokenizer.bos_id)
+        assert entry.pad_tokens == 0
+    assert manifest.report["dropped_tokens"] > 0
+
+
+# ---- determinism and restarts -------------------------------------------------------------------
+
+def test_output_is_identical_for_any_number_of_workers_and_pieces(tmp_path, corpus, tokenizer_path):
+    root, _ = corpus
+    one = prep(tmp_path, root, tokenizer_path, name="w1", workers=1, piece_bytes=64 << 20, rows_per_shard=16)
+    three = prep(tmp_path, root, tokenizer_path, name="w3", workers=3, piece_bytes=50_000, rows_per_shard=16)
+    assert shard_bytes(one) == shard_bytes(three)
+    assert len(shard_bytes(one)) > 2
+    assert read_manifest(one).shards == read_manifest(three).shards
+    other_seed = prep(tmp_path, root, tokenizer_path, name="seed1", seed=1, rows_per_shard=16)
+    assert shard_bytes(other_seed) != shard_bytes(one)
+
+
+def test_rerun_does_nothing_and_other_settings_are_refused(tmp_path, corpus, tokenizer_path):
+    root, _ = corpus
+    out = prep(tmp_path, root, tokenizer_path)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    messages = []
+    run_shards(ShardSettings(inputs=[str(root)], tokenizer=str(tokenizer_path), seq_len=128, out=str(out),
+                             rows_per_shard=64), log=messages.append)
+    assert "nothing to do" in messages[0]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    from data_prep.shards import PrepError
+
+    with pytest.raises(PrepError, match="seq_len"):
+        prep(tmp_path, root, tokenizer_path, seq_len=64)
+
+
+def run_cli_prep(args, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "rdhpc.cli", "prep", "shards", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_kill_and_rerun_gives_identical_output(tmp_path, corpus, tokenizer_path):
+    root, _ = corpus
+    reference = prep(tmp_path, root, tokenizer_path, name="reference", piece_bytes=20_000)
+    out = tmp_path / "killed"
+    args = ["--input", str(root), "--tokenizer", str(tokenizer_path), "--seq-len", "128", "--out", str(out),
+            "--rows-per-shard", "64", "--piece-bytes", "20000"]
+    # kill -9 once during tokenization and once during packing, then finish
+    for stage, pattern, at_least in (("tokenize", ".work/tok/*.arrow", 3), ("pack", "*.arrow", 1)):
+        process = run_cli_prep(args)
+        deadline = time.monotonic() + 120
+        while len(list(out.glob(pattern))) < at_least and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process.poll() is None, f"finished before it could be killed during {stage}"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        assert not (out / "manifest.json").exists()
+    finished = run_cli_prep(args)
+    stdout, stderr = finished.communicate(timeout=300)
+    assert finished.returncode == 0, stderr
+    assert "resuming" in stdout
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert verify_folder(out)[1] == []
+    assert not (out / ".work").exists()
+
+
+# ---- mixture weights ----------------------------------------------------------------------------
+
+def test_mixture_weights_set_the_token_share(tmp_path, tokenizer_path):
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    for name in ("a", "b"):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for _ in range(3000):
+                f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))}) + "\n")
+    out = prep(tmp_path, None, tokenizer_path, inputs=[f"a={tmp_path / 'a.jsonl'}", f"b={tmp_path / 'b.jsonl'}"],
+               weights=["a=2.5"], pack="carry", val_fraction=0.0)
+    sources = read_manifest(out).report["sources"]
+    raw_a, raw_b = sources["a"]["tokens"], sources["b"]["tokens"]
+    share_a = sources["a"]["train_tokens_with_copies"] / (sources["a"]["train_tokens_with_copies"]
+                                                          + sources["b"]["train_tokens_with_copies"])
+    requested = 2.5 * raw_a / (2.5 * raw_a + raw_b)
+    assert abs(share_a - requested) < 0.02
+    # and the shards hold exactly those tokens (carry keeps everything)
+    total = sum(s["train_tokens_with_copies"] for s in sources.values())
+    assert read_manifest(out).totals("train")["real_tokens"] == total
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def test_malformed_records_are_counted_with_file_and_line(tmp_path, corpus, tokenizer_path):
+    root, _ = corpus
+    out = prep(tmp_path, root, tokenizer_path)
+    report = read_manifest(out).report
+    bad_line = 40 + len(TRICKY) + 1
+    expected = [f"{root / 'a.jsonl'}:{bad_line}: malformed JSON",
+                f"{root / 'a.jsonl'}:{bad_line + 1}: field 'text' missing",
+                f"{root / 'bad.jsonl'}:2: undecodable bytes at column 20",
+                f"{root / 'bad.jsonl'}:3: field 'text' is int, not text",
+                f"{root / 'bad.jsonl'}:4: invalid unicode in text"]
+    for fragment in expected:
+        assert any(p.startswith(fragment) for p in report["problems"]), (fragment, report["problems"])
+    assert report["records_skipped"] == 5
+    # the counts: every well-formed record became a document
+    assert report["documents_read"] == 20 + 40 + len(TRICKY) + 20 + 20 + 30 + 1
+
+
+def test_strict_mode_fails_naming_the_record(tmp_path, corpus, tokenizer_path):
+    root, _ = corpus
+    done = subprocess.run([sys.executable, "-m", "rdhpc.cli", "prep", "shards", "--input", str(root / "bad.jsonl"),
+                           "--tokenizer", str(tokenizer_path), "--seq-len", "64", "--out", str(tmp_path / "s"),
+                           "--strict"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"{root / 'bad.jsonl'}:2: undecodable bytes" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_missing_inputs_and_bad_options(tmp_path, tokenizer_path):
+    done = subprocess.run([sys.executable, "-m", "rdhpc.cli", "prep", "shards", "--input", str(tmp_path / "nope"),
+                           "--tokenizer", str(tokenizer_path), "--seq-len", "64", "--out", str(tmp_path / "s")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "nope: no such file or directory" in done.stderr
+    (tmp_path / "x.csv").write_text("a,b\n")
+    from data_prep.sources import InputError, parse_sources
+
+    with pytest.raises(InputError, match="unsupported input format"):
+        parse_sources([str(tmp_path / "x.csv")])
+    (tmp_path / "x.txt").write_text("text")
+    with pytest.raises(InputError, match="no input source named 'c'"):
+        parse_sources([f"a={tmp_path / 'x.txt'}"], ["c=2"])
+    with pytest.raises(InputError, match="the weight must be > 0"):
+        parse_sources([f"a={tmp_path / 'x.txt'}"], ["a=0"])
+    with pytest.raises(InputError, match="listed in two sources"):
+        parse_sources([f"a={tmp_path / 'x.txt'}", f"b={tmp_path / 'x.txt'}"])
+
+
+# ---- the shard format ---------------------------------------------------------------------------
+
+def test_corrupted_truncated_and_mismatched_shards_are_named(tmp_path, corpus, tokenizer_path):
+    root, _ = corpus
+    out = prep(tmp_path, root, tokenizer_path)
+    manifest = read_manifest(out)
+    first = out / manifest.shards[0].file
+    assert verify_folder(out)[1] == []
+    with pytest.raises(ShardError, match="tokenizer sha256 is"):
+        ShardReader(first, tokenizer_sha256="0" * 64)
+    with pytest.raises(ShardError, match="seq_len is 128, expected 256"):
+        ShardReader(first, seq_len=256)
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped bit inside the tokens
+    first.write_bytes(bytes(data))
+    problems = verify_folder(out)[1]
+    assert any(str(first) in p and "sha256 does not match" in p for p in problems)
+    first.write_bytes(bytes(data[:len(data) // 3]))  # truncated
+    with pytest.raises(ShardError, match=f"{first}: not a readable Arrow shard"):
+        ShardReader(first)
+    problems = verify_folder(out, checksums=False)[1]
+    assert any(str(first) in p and "truncated" in p for p in problems)
+    done = subprocess.run([sys.executable, "-m", "rdhpc.cli", "prep", "verify", str(out)], capture_output=True,
+                          text=True)
+    assert done.returncode == 1 and str(first) in done.stdout
+
+
+# ---- across processes: MPI ----------------------------------------------------------------------
+
+def test_two_rank_mpi_run_matches_a_local_run(tmp_path, corpus, tokenizer_path):
+    root, _ = corpus
+    local = prep(tmp_path, root, tokenizer_path, name="local", piece_bytes=100_000)
+    mpirun = Path(sys.executable).parent / "mpirun"
+    assert mpirun.exists(), "the PyPI mpich package provides the venv's mpirun"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([str(mpirun), "-n", "2", sys.executable, "-c",
+                           "import sys; from rdhpc.distributed import discover_ranks; r = discover_ranks(); "
+                           f"open(f'{tmp_path}/rank{{r.rank}}.txt', 'w').write(f'{{r.rank}} {{r.world_size}} {{r.launcher}}'); "
+                           "from rdhpc.cli import main; sys.exit(main(sys.argv[1:]))",
+                           "prep", "shards", "--input", str(root), "--tokenizer", str(tokenizer_path), "--seq-len", "128",
+                           "--out", str(tmp_path / "mpi"), "--rows-per-shard", "64", "--piece-bytes", "100000"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["0 2 mpi", "1 2 mpi"]
+    assert shard_bytes(tmp_path / "mpi") == shard_bytes(local)
