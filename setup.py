@@ -20,6 +20,7 @@ setup(
         "numpy",
         "pyarrow>=15",
         "zstandard",
+        "orjson",
         "tokenizers>=0.21",
         "gigatoken>=0.10",  # the fast encoder; HF tokenizers stays the reference it is checked against
         "submitit>=1.5",

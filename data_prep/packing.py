@@ -74,30 +74,32 @@ def pack(docs: list[np.ndarray], row_len: int, mode: str, bos: int, eos: int, pa
         return np.empty((0, row_len), dtype=dtype), {"rows": 0, "real_tokens": 0, "pad_tokens": 0,
                                                      "documents": 0, "dropped_tokens": 0}
     lengths = np.fromiter((len(d) + 2 for d in docs), dtype=np.int64, count=len(docs))
-    stream = np.empty(int(lengths.sum()), dtype=dtype)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    stream[starts] = bos
-    stream[ends - 1] = eos
-    for doc, start in zip(docs, starts):
-        stream[start + 1:start + 1 + len(doc)] = doc
+    total = int(lengths.sum())
+    bos_arr, eos_arr = np.array([bos], dtype=dtype), np.array([eos], dtype=dtype)
 
     if mode == "carry":
-        num_rows = -(-len(stream) // row_len)
-        rows = np.full(num_rows * row_len, pad, dtype=dtype)
-        rows[:len(stream)] = stream
-        rows = rows.reshape(num_rows, row_len)
+        num_rows = -(-total // row_len)
+        parts = [bos_arr, None, eos_arr] * len(docs)
+        parts[1::3] = docs
+        parts.append(np.full(num_rows * row_len - total, pad, dtype=dtype))
+        rows = np.concatenate(parts).astype(dtype, copy=False).reshape(num_rows, row_len)
         dropped = 0
     else:
-        row_starts = []
-        buffered_from = 0  # stream offset where the current buffer starts (always a document start)
-        for end in ends:
+        # Decide the rows first from the lengths alone, then copy only the tokens that are kept.
+        ends = np.cumsum(lengths)
+        rows_docs = []  # (first document, one past the last document) of every row
+        first, buffered_from = 0, 0
+        for i, end in enumerate(ends.tolist()):
             if end - buffered_from >= row_len:
-                row_starts.append(buffered_from)
-                buffered_from = end  # the rest of the buffer is dropped
-        rows = stream[np.asarray(row_starts, dtype=np.int64)[:, None] + np.arange(row_len)] if row_starts else \
-            np.empty((0, row_len), dtype=dtype)
-        dropped = len(stream) - rows.size
+                rows_docs.append((first, i + 1))
+                first, buffered_from = i + 1, end  # the rest of the buffer is dropped
+        rows = np.empty((len(rows_docs), row_len), dtype=dtype)
+        for r, (a, b) in enumerate(rows_docs):
+            parts = [bos_arr, None, eos_arr] * (b - a)
+            parts[1::3] = docs[a:b]
+            parts[-2] = parts[-2][:row_len]  # a long last document contributes one row at most
+            rows[r] = np.concatenate(parts)[:row_len]
+        dropped = total - rows.size
     pad_tokens = int((rows == pad).sum()) if mode == "carry" else 0
     counts = {"rows": int(len(rows)), "real_tokens": int(rows.size - pad_tokens), "pad_tokens": pad_tokens,
               "documents": int((rows == bos).sum()), "dropped_tokens": int(dropped)}

@@ -20,8 +20,10 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,18 +32,21 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.packing import PACK_MODES, copy_keys, document_keys, is_validation, num_copies, pack
-from data_prep.sources import InputError, Piece, parse_sources, plan_pieces, read_piece
+from data_prep.sources import InputError, Piece, ReadResult, iter_piece, parse_sources, plan_pieces
 from rdhpc.data.format import (Manifest, ShardEntry, TokenizerInfo, read_manifest, shard_name, token_dtype,
                                write_shard)
 from rdhpc.data.tokenizer import TextTokenizer
 from rdhpc.distributed import discover_ranks
+from rdhpc.errors import UserError
 
 WORK_DIR = ".work"
-ENCODE_BATCH_BYTES = 1 << 20  # texts per encode_batch call: bounds the encoder's per-call memory
+# Text per encode call: large enough for the encoder's threads to pay off, small enough to bound
+# its memory (HF's Encoding objects take ~50 bytes per token).
+ENCODE_BATCH_BYTES = 4 << 20
 MAX_REPORTED_PROBLEMS = 200
 
 
-class PrepError(RuntimeError):
+class PrepError(UserError, RuntimeError):
     pass
 
 
@@ -98,12 +103,24 @@ def output_fingerprint(settings: ShardSettings, sources, tokenizer: TextTokenize
 _worker_state: dict = {}
 
 
+def load_tokenizer(path: str) -> TextTokenizer:
+    """One TextTokenizer per process and file content (loading checks the fast encoder: ~0.4 s)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _tokenizers:
+        _tokenizers[key] = TextTokenizer(path)
+    return _tokenizers[key]
+
+
+_tokenizers: dict[tuple, TextTokenizer] = {}
+
+
 def _init_worker(settings_dict: dict, threads_per_worker: int | None):
     if threads_per_worker:
         os.environ["RAYON_NUM_THREADS"] = str(threads_per_worker)  # before tokenizers starts its pool
     settings = ShardSettings(**settings_dict)
     _worker_state["settings"] = settings
-    _worker_state["tokenizer"] = TextTokenizer(settings.tokenizer)
+    _worker_state["tokenizer"] = load_tokenizer(settings.tokenizer)
     _worker_state["sources"] = parse_sources(settings.inputs, settings.weights)
 
 
@@ -121,22 +138,36 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
     tokenizer: TextTokenizer = _worker_state["tokenizer"]
     source = _worker_state["sources"][piece.source]
     work = Path(settings.out) / WORK_DIR
-    result = read_piece(piece, settings.text_field)
-    if settings.strict and result.problems:
-        raise PrepError(f"{result.problems[0]} (--strict: stopping; without it such records are skipped and reported)")
+    # A reader thread parses the next batch while this thread encodes (the encoders release the GIL).
+    batches: queue.Queue = queue.Queue(maxsize=2)
+
+    def read():
+        try:
+            for part in iter_piece(piece, settings.text_field, ENCODE_BATCH_BYTES):
+                batches.put(part)
+        except BaseException as exc:  # handed to the encoding thread, which raises it
+            batches.put(exc)
+        batches.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    result, value_parts, length_parts = ReadResult(), [], []
+    while (part := batches.get()) is not None:
+        if isinstance(part, BaseException):
+            raise part
+        if settings.strict and part.problems:
+            raise PrepError(f"{part.problems[0]} (--strict: stopping; without it such records are skipped and reported)")
+        result.records += part.records
+        result.problems += part.problems
+        result.bytes_read += part.bytes_read
+        if part.texts:
+            values, offsets = tokenizer.encode_batch_flat(part.texts)
+            value_parts.append(values)
+            length_parts.append(np.diff(offsets))
+    reader.join()
     keys = document_keys(settings.seed, source.name, piece.file, np.asarray(result.records, dtype=np.uint64))
     val = is_validation(keys, settings.val_fraction)
     copies = np.where(val, 1, num_copies(keys, source.weight)).astype(np.uint16)
-
-    value_parts, length_parts, batch, batch_bytes = [], [], [], 0
-    for i, text in enumerate(result.texts):
-        batch.append(text)
-        batch_bytes += len(text)
-        if batch_bytes >= ENCODE_BATCH_BYTES or i == len(result.texts) - 1:
-            values, offsets = tokenizer.encode_batch_flat(batch)
-            value_parts.append(values)
-            length_parts.append(np.diff(offsets))
-            batch, batch_bytes = [], 0
     lengths = np.concatenate(length_parts) if length_parts else np.empty(0, dtype=np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -229,8 +260,31 @@ def _wait_for(paths: list[Path], work: Path, what: str, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def _run_tasks(fn, tasks, settings: ShardSettings, desc: str, show_progress: bool, unit: str):
-    """Run tasks in this process (1 worker) or a pool of spawned processes, with a progress bar."""
+class _Workers:
+    """This rank's worker processes, started once for both stages (spawned: each loads the
+    tokenizer once), or nothing when there is one worker and tasks run in this process."""
+
+    def __init__(self, settings: ShardSettings):
+        self.settings, self.pool = settings, None
+
+    def map(self, fn, tasks):
+        if self.settings.workers == 1 or len(tasks) <= 1:
+            _init_worker(asdict(self.settings), None)  # every run: the state of an earlier run must not leak
+            return map(fn, tasks)
+        if self.pool is None:
+            threads = max(1, (os.cpu_count() or 1) // self.settings.workers)
+            self.pool = multiprocessing.get_context("spawn").Pool(
+                self.settings.workers, initializer=_init_worker, initargs=(asdict(self.settings), threads))
+        return self.pool.imap_unordered(fn, tasks)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+def _run_tasks(fn, tasks, workers: _Workers, desc: str, show_progress: bool, unit: str):
+    """Run tasks on this rank's workers, with a progress bar (documents/s, tokens/s)."""
     from tqdm import tqdm
 
     results = []
@@ -248,17 +302,8 @@ def _run_tasks(fn, tasks, settings: ShardSettings, desc: str, show_progress: boo
         bar.update(1)
 
     try:
-        if settings.workers == 1 or len(tasks) <= 1:
-            _init_worker(asdict(settings), None)  # every run: the state of an earlier run must not leak
-            for task in tasks:
-                record(fn(task))
-        else:
-            threads = max(1, (os.cpu_count() or 1) // settings.workers)
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(min(settings.workers, len(tasks)), initializer=_init_worker,
-                          initargs=(asdict(settings), threads)) as pool:
-                for result in pool.imap_unordered(fn, tasks):
-                    record(result)
+        for result in workers.map(fn, tasks):
+            record(result)
     finally:
         bar.close()
     return results
@@ -275,7 +320,7 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
     ranks = discover_ranks()
     out, work = Path(settings.out), Path(settings.out) / WORK_DIR
     sources = parse_sources(settings.inputs, settings.weights)
-    tokenizer = TextTokenizer(settings.tokenizer)
+    tokenizer = load_tokenizer(settings.tokenizer)
     fingerprint = output_fingerprint(settings, sources, tokenizer)
     show = ranks.is_main and sys.stderr.isatty() or os.environ.get("RDHPC_PROGRESS") == "1"
 
@@ -305,6 +350,7 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
             raise PrepError(f"rank {ranks.rank}: inputs or settings differ from rank 0's")
     # Alone, nothing can still be coming: a missing output is an error at once, not a wait.
     wait_timeout = settings.wait_timeout if ranks.world_size > 1 else 0.0
+    workers = _Workers(settings)
     try:
         pieces = plan_pieces(sources, settings.piece_bytes)
         piece_paths = [_piece_path(work, i) for i in range(len(pieces))]
@@ -314,7 +360,7 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
                 f"{ranks.world_size} rank(s) ({ranks.launcher}) x {settings.workers} worker(s)"
                 + (f"; resuming: {sum(p.exists() for p in piece_paths)} pieces already tokenized"
                    if any(p.exists() for p in piece_paths) else ""))
-        _run_tasks(tokenize_piece, todo, settings, "tokenize", show, "piece")
+        _run_tasks(tokenize_piece, todo, workers, "tokenize", show, "piece")
         _wait_for(piece_paths, work, "tokenize", wait_timeout)
 
         stats = [json.loads(p.with_suffix(".json").read_text()) for p in piece_paths]
@@ -325,13 +371,15 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
         tasks = [(split, g, groups[split], len(pieces)) for split in ("train", "val") for g in range(groups[split])]
         shard_stats = [work / "shards" / (shard_name(split, g) + ".json") for split, g, _, _ in tasks]
         todo = [t for i, t in enumerate(tasks) if i % ranks.world_size == ranks.rank and not shard_stats[i].exists()]
-        _run_tasks(pack_shard, todo, settings, "pack", show, "shard")
+        _run_tasks(pack_shard, todo, workers, "pack", show, "shard")
         if not ranks.is_main:
             return out  # rank 0 gathers the shards' counts and may delete .work as soon as all exist
         _wait_for(shard_stats, work, "pack", wait_timeout)
     except BaseException as exc:
         (work / f"FAILED-rank{ranks.rank}").write_text(f"{type(exc).__name__}: {exc}\n")
         raise
+    finally:
+        workers.close()
 
     entries = [json.loads(p.read_text()) for p in shard_stats]
     report = _report(stats, entries, sources)

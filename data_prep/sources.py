@@ -19,10 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from rdhpc.errors import UserError
+
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt")
 
+try:  # 3-5x faster JSON parsing; the standard library stays the reference for every error message
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - orjson is a dependency
+    _fast_loads = None
 
-class InputError(ValueError):
+
+class InputError(UserError, ValueError):
     pass
 
 
@@ -199,6 +206,18 @@ def _jsonl_lines(piece: Piece) -> Iterator[tuple[int, bytes]]:
 
 
 def read_piece(piece: Piece, text_field: str = "text") -> ReadResult:
+    """All documents of a piece at once."""
+    whole = ReadResult()
+    for part in iter_piece(piece, text_field):
+        whole.records += part.records
+        whole.texts += part.texts
+        whole.problems += part.problems
+        whole.bytes_read += part.bytes_read
+    return whole
+
+
+def iter_piece(piece: Piece, text_field: str = "text", batch_bytes: int = 4 << 20) -> Iterator[ReadResult]:
+    """The documents of a piece in batches of about batch_bytes, so reading can overlap encoding."""
     result = ReadResult()
     fmt = file_format(piece.file)
     if fmt == ".txt":
@@ -209,7 +228,8 @@ def read_piece(piece: Piece, text_field: str = "text") -> ReadResult:
         except UnicodeDecodeError as exc:
             line = data[:exc.start].count(b"\n") + 1
             result.problems.append(Problem(piece.file, line, f"undecodable bytes at offset {exc.start} ({exc.reason})"))
-            return result
+            yield result
+            return
         result.records.append(0)
         result.texts.append(text)
     elif fmt == ".parquet":
@@ -218,7 +238,8 @@ def read_piece(piece: Piece, text_field: str = "text") -> ReadResult:
         parquet = pq.ParquetFile(piece.file)
         if text_field not in parquet.schema_arrow.names:
             result.problems.append(Problem(piece.file, 0, f"no column {text_field!r} (columns: {parquet.schema_arrow.names})"))
-            return result
+            yield result
+            return
         first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(piece.start))
         if parquet.num_row_groups:
             column = parquet.read_row_group(piece.start, columns=[text_field]).column(0).to_pylist()
@@ -231,6 +252,20 @@ def read_piece(piece: Piece, text_field: str = "text") -> ReadResult:
     else:
         for line, raw in _jsonl_lines(piece):
             result.bytes_read += len(raw)
+            if _fast_loads is not None:
+                # orjson validates UTF-8 and rejects lone surrogates, so a string it returns needs no
+                # further check; anything it refuses takes the exact path below for the message.
+                try:
+                    record = _fast_loads(raw)
+                    if isinstance(record, dict) and isinstance(record.get(text_field), str):
+                        result.records.append(line - 1)
+                        result.texts.append(record[text_field])
+                        if result.bytes_read >= batch_bytes:
+                            yield result
+                            result = ReadResult()
+                        continue
+                except ValueError:
+                    pass
             if not raw.strip():
                 result.problems.append(Problem(piece.file, line, "empty line"))
                 continue
@@ -250,4 +285,4 @@ def read_piece(piece: Piece, text_field: str = "text") -> ReadResult:
             elif _check_text(text, piece.file, line, text_field, result):
                 result.records.append(line - 1)
                 result.texts.append(text)
-    return result
+    yield result

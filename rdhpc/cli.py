@@ -94,12 +94,8 @@ def _not_built(name: str, issue: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_prep.shards import PrepError
-    from data_prep.sources import InputError
     from rdhpc.config import ConfigError
-    from rdhpc.data.format import ShardError
-    from rdhpc.data.tokenizer import TokenizerError
-    from rdhpc.model.huginn import CheckpointError
+    from rdhpc.errors import UserError
 
     args = build_parser().parse_args(argv)
     try:
@@ -107,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rdhpc {args.command}: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, ShardError, TokenizerError, InputError, PrepError) as exc:
+    except UserError as exc:
         print(f"rdhpc {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

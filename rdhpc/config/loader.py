@@ -16,12 +16,13 @@ from typing import Any
 import yaml
 
 from rdhpc.config.schema import SECTION_NAMES, RunConfig
+from rdhpc.errors import UserError
 from rdhpc.model.config import MODEL_SIZES
 
 CONFIG_FILE_NAME = "config.yaml"
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """One or more configuration problems; `problems` lists them, each naming its key."""
 
     def __init__(self, problems: list[str], source: str | None = None):

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from rdhpc.errors import UserError
+
 FORMAT_VERSION = 1
 COLUMN = "input_ids"
 MANIFEST_FILE = "manifest.json"
@@ -32,7 +34,7 @@ SPLITS = ("train", "val")
 _META_PREFIX = "rdhpc."
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard or shard folder that is missing, corrupted or does not match what the reader expects."""
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rdhpc.errors import UserError
+
 NUM_SPECIAL_SLOTS = 32
 NAMED_SPECIAL_TOKENS = ["<|begin_text|>", "<|end_text|>", "<|begin_header|>", "<|end_header|>", "<|end_turn|>",
                         "<|pad|>"]
@@ -36,7 +38,7 @@ _PROBE = ["", "plain text, digits 1234567890 and 3.14", "  indented  12\n\tx = 1
           "control \x00\x1b[31m \x7f \u2028 \ufeff", "<|begin_text|> <|end_text|> <|pad|> stay text", "½ ² ٣ 〇"]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     pass
 
 

@@ -1,11 +1,24 @@
-"""The recurrent-depth model. Imports torch only: no torch.distributed, no deepspeed."""
+"""The recurrent-depth model. Imports torch only: no torch.distributed, no deepspeed.
 
-from rdhpc.model.config import MODEL_SIZES, ModelConfig, model_config_from_size
-from rdhpc.model.huginn import CheckpointError, load_huginn, save_huginn
-from rdhpc.model.recurrent_depth import IGNORE_INDEX, ModelOutput, RecurrentDepthModel
-from rdhpc.model.sampling import DepthSampler
+Names are loaded on first use (PEP 562), so `rdhpc.model.config` (shapes, sizes) and the commands
+that only need it, such as data preparation, never pay for importing torch.
+"""
 
-__all__ = [
-    "MODEL_SIZES", "ModelConfig", "model_config_from_size", "RecurrentDepthModel", "ModelOutput",
-    "IGNORE_INDEX", "DepthSampler", "load_huginn", "save_huginn", "CheckpointError",
-]
+import importlib
+
+_EXPORTS = {
+    "MODEL_SIZES": "rdhpc.model.config", "ModelConfig": "rdhpc.model.config",
+    "model_config_from_size": "rdhpc.model.config",
+    "RecurrentDepthModel": "rdhpc.model.recurrent_depth", "ModelOutput": "rdhpc.model.recurrent_depth",
+    "IGNORE_INDEX": "rdhpc.model.recurrent_depth",
+    "DepthSampler": "rdhpc.model.sampling",
+    "load_huginn": "rdhpc.model.huginn", "save_huginn": "rdhpc.model.huginn",
+    "CheckpointError": "rdhpc.model.huginn",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'rdhpc.model' has no attribute {name!r}")

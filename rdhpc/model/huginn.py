@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rdhpc.errors import UserError
 from rdhpc.model.config import ModelConfig
 from rdhpc.model.recurrent_depth import RecurrentDepthModel
 
@@ -46,7 +47,7 @@ _RELEASED_NAMES = {
 _READ_ALIASES = {"RMSNorm": "rmsnorm", "poisson-lognormal": "poisson-lognormal"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read as what it claims to be; the message names the file."""
 
 
