@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rdhpc.model.config import ModelConfig
+from rdhpc.validation import check_bounds, check_choice
 
 PRECISIONS = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -40,12 +41,8 @@ class DataConfig:
     """What happens when the data runs out: 'stop' ends the run cleanly, 'new_epoch' reshuffles."""
 
     def problems(self, prefix="data"):
-        out = []
-        if self.on_exhausted not in ON_DATA_EXHAUSTED:
-            out.append(f"{prefix}.on_exhausted: unknown value {self.on_exhausted!r}; choose one of {list(ON_DATA_EXHAUSTED)}")
-        if self.prefetch_batches < 0:
-            out.append(f"{prefix}.prefetch_batches: must be >= 0, got {self.prefetch_batches}")
-        return out
+        return (check_choice(self, prefix, "on_exhausted", ON_DATA_EXHAUSTED)
+                + check_bounds(self, prefix, non_negative=("prefetch_batches",)))
 
 
 @dataclass
@@ -65,16 +62,10 @@ class OptimConfig:
     """adam-atan2: cap on the per-tensor rms of g^2 / v."""
 
     def problems(self, prefix="optim"):
-        out = []
-        if self.name not in OPTIMIZERS:
-            out.append(f"{prefix}.name: unknown optimizer {self.name!r}; choose one of {sorted(OPTIMIZERS)}")
-        if self.lr <= 0:
-            out.append(f"{prefix}.lr: must be > 0, got {self.lr}")
+        out = check_choice(self, prefix, "name", OPTIMIZERS) + check_bounds(
+            self, prefix, positive=("lr",), non_negative=("weight_decay", "eps", "grad_clip", "update_clip"))
         if not all(0 <= b < 1 for b in self.betas):
             out.append(f"{prefix}.betas: each must be in [0, 1), got {list(self.betas)}")
-        for name in ("weight_decay", "eps", "grad_clip", "update_clip"):
-            if getattr(self, name) < 0:
-                out.append(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
         return out
 
 
@@ -88,12 +79,8 @@ class ScheduleConfig:
     """Final learning rate of cosine and cool-down, as a fraction of optim.lr."""
 
     def problems(self, prefix="schedule"):
-        out = []
-        if self.name not in SCHEDULES:
-            out.append(f"{prefix}.name: unknown schedule {self.name!r}; choose one of {sorted(SCHEDULES)}")
-        for name in ("warmup_steps", "cooldown_steps"):
-            if getattr(self, name) < 0:
-                out.append(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
+        out = check_choice(self, prefix, "name", SCHEDULES) + check_bounds(
+            self, prefix, non_negative=("warmup_steps", "cooldown_steps"))
         if not 0 <= self.min_lr_ratio <= 1:
             out.append(f"{prefix}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         return out
@@ -125,15 +112,10 @@ class TrainConfig:
     """Dense bf16 peak used for MFU: 989 for H100/H200, 191.5 per MI250X die."""
 
     def problems(self, prefix="train"):
-        out = []
-        for name in ("global_batch_size", "micro_batch_size", "max_steps", "log_interval", "val_interval",
-                     "val_batches", "max_consecutive_skips", "peak_tflops_per_device"):
-            if getattr(self, name) <= 0:
-                out.append(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
-        if self.precision not in PRECISIONS:
-            out.append(f"{prefix}.precision: unknown value {self.precision!r}; choose one of {list(PRECISIONS)}")
-        if self.device not in DEVICES:
-            out.append(f"{prefix}.device: unknown value {self.device!r}; choose one of {list(DEVICES)}")
+        out = check_bounds(self, prefix, positive=(
+            "global_batch_size", "micro_batch_size", "max_steps", "log_interval", "val_interval", "val_batches",
+            "max_consecutive_skips", "peak_tflops_per_device"))
+        out += check_choice(self, prefix, "precision", PRECISIONS) + check_choice(self, prefix, "device", DEVICES)
         if self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
             out.append(f"{prefix}.global_batch_size: {self.global_batch_size} is not a multiple of "
                        f"{prefix}.micro_batch_size = {self.micro_batch_size}")
@@ -163,9 +145,7 @@ class ZeroConfig:
         out = []
         if self.stage not in (0, 1, 2, 3):
             out.append(f"{prefix}.stage: must be 0, 1, 2 or 3, got {self.stage}")
-        for name in ("reduce_bucket_size", "allgather_bucket_size"):
-            if getattr(self, name) <= 0:
-                out.append(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
+        out += check_bounds(self, prefix, positive=("reduce_bucket_size", "allgather_bucket_size"))
         if self.offload_optimizer and self.stage == 0:
             out.append(f"{prefix}.offload_optimizer: needs ZeRO stage 1 or higher")
         return out
@@ -182,12 +162,7 @@ class CheckpointConfig:
     """'auto' resumes from the latest complete checkpoint, 'never' starts fresh, or a checkpoint path."""
 
     def problems(self, prefix="checkpoint"):
-        out = []
-        if self.interval <= 0:
-            out.append(f"{prefix}.interval: must be > 0, got {self.interval}")
-        if self.keep_last < 1:
-            out.append(f"{prefix}.keep_last: must be >= 1, got {self.keep_last}")
-        return out
+        return check_bounds(self, prefix, positive=("interval", "keep_last"))
 
 
 @dataclass
@@ -214,12 +189,7 @@ class SlurmConfig:
     """Requeue at most this many times (the paper's run took 21 segments of up to 12 h)."""
 
     def problems(self, prefix="slurm"):
-        out = []
-        if self.nodes < 1:
-            out.append(f"{prefix}.nodes: must be >= 1, got {self.nodes}")
-        if self.max_segments < 1:
-            out.append(f"{prefix}.max_segments: must be >= 1, got {self.max_segments}")
-        return out
+        return check_bounds(self, prefix, positive=("nodes", "max_segments"))
 
 
 @dataclass

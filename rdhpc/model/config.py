@@ -13,6 +13,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from rdhpc.validation import check_bounds, check_choice
+
 # name -> what it selects. The first entry of each table is the published design.
 BLOCK_TYPES = {
     "sandwich": "four RMSNorms per block: n2(x + Attn(n1(x))), n4(y + MLP(n3(y))) (the 3.5B run)",
@@ -108,18 +110,10 @@ class ModelConfig:
     # ---- validation ---------------------------------------------------------------------------
     def problems(self, prefix: str = "model") -> list[str]:
         """Every inconsistency of this config, as messages naming the key; empty when valid."""
-        out = []
-
-        def positive(name):
-            if getattr(self, name) <= 0:
-                out.append(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
-
-        for name in ("vocab_size", "padding_multiple", "hidden_size", "num_heads", "intermediate_size",
-                     "num_core_layers", "max_seq_len", "mean_recurrence", "rope_base", "norm_eps"):
-            positive(name)
-        for name in ("num_prelude_layers", "num_coda_layers", "mean_backprop_depth", "recurrence_sigma"):
-            if getattr(self, name) < 0:
-                out.append(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
+        out = check_bounds(self, prefix, positive=(
+            "vocab_size", "padding_multiple", "hidden_size", "num_heads", "intermediate_size", "num_core_layers",
+            "max_seq_len", "mean_recurrence", "rope_base", "norm_eps"), non_negative=(
+            "num_prelude_layers", "num_coda_layers", "mean_backprop_depth", "recurrence_sigma"))
         if self.num_heads > 0 and self.hidden_size % self.num_heads:
             out.append(f"{prefix}.hidden_size: {self.hidden_size} is not divisible by "
                        f"{prefix}.num_heads = {self.num_heads}")
@@ -129,9 +123,7 @@ class ModelConfig:
         for name, table in (("block_type", BLOCK_TYPES), ("injection_type", INJECTION_TYPES),
                             ("norm_type", NORM_TYPES), ("sampling_scheme", SAMPLING_SCHEMES),
                             ("init_strategy", INIT_STRATEGIES)):
-            value = getattr(self, name)
-            if value not in table:
-                out.append(f"{prefix}.{name}: unknown value {value!r}; choose one of {sorted(table)}")
+            out += check_choice(self, prefix, name, table)
         if self.size is not None and self.size not in MODEL_SIZES:
             out.append(f"{prefix}.size: unknown size {self.size!r}; choose one of {sorted(MODEL_SIZES)}")
         return out
