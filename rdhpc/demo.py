@@ -2,79 +2,80 @@
 
     rdhpc demo --run-dir runs/demo          # about a minute on 2 CPU cores
 
-Until the data-prep stages and the DeepSpeed trainer exist (issues 8 and 3), this is the longest
-end-to-end path of the pipeline: a corpus from the Python standard library's own sources (real text
-already on the machine, never downloaded), byte-level tokens, the recurrent-depth model trained in one
-process with the paper's depth sampler and truncated backpropagation, validation loss against
-recurrence depth, and an export to the released Huginn checkpoint layout that is read back and
-checked for identical logits. The run's config and results are written under the run folder.
+Until the DeepSpeed trainer exists (issue 3), this is the longest end-to-end path of the pipeline:
+a corpus from the Python standard library's own sources (real text already on the machine, never
+downloaded), `rdhpc prep tokenizer` and `rdhpc prep shards` (verified Arrow shards), the
+recurrent-depth model trained in one process on those shards with the paper's depth sampler and
+truncated backpropagation, validation loss against recurrence depth, and an export to the released
+Huginn checkpoint layout that is read back and checked for identical logits. Everything is written
+under the run folder; a second run reuses the tokenizer and shards.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import sysconfig
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from data_prep.shards import ShardSettings, run_shards
+from data_prep.tokenizer_train import train_tokenizer
 from rdhpc.config import load_config, save_config
-from rdhpc.model import DepthSampler, RecurrentDepthModel, load_huginn, save_huginn
+from rdhpc.data.format import open_shard, read_manifest, verify_folder
+from rdhpc.model import IGNORE_INDEX, DepthSampler, RecurrentDepthModel, load_huginn, save_huginn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-# Byte-level vocabulary: 256 byte values, then the special tokens.
-BOS, EOS, PAD = 256, 257, 258
+CORPUS_BYTES = 4_000_000
 
 
-def stdlib_documents(max_bytes: int) -> list[bytes]:
+def write_stdlib_corpus(path: Path, max_bytes: int) -> tuple[int, int]:
     """The standard library's .py files (sorted, so every machine with the same Python reads the
-    same corpus), whole files, until max_bytes are collected."""
+    same corpus), one JSON line per file, until max_bytes. Returns (documents, bytes)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    docs, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts:
-            continue
-        data = path.read_bytes()
-        if not data:
-            continue
-        docs.append(data)
-        total += len(data)
-        if total >= max_bytes:
-            break
-    return docs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    docs = total = 0
+    with open(path.with_name(path.name + ".tmp"), "w", encoding="utf-8") as f:
+        for source in sorted(root.rglob("*.py")):
+            if "site-packages" in source.parts or "test" in source.parts:
+                continue
+            try:
+                text = source.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+            f.write(json.dumps({"text": text}) + "\n")
+            docs, total = docs + 1, total + len(text.encode())
+            if total >= max_bytes:
+                break
+    path.with_name(path.name + ".tmp").replace(path)
+    return docs, total
 
 
-def pack_rows(docs: list[bytes], row_len: int) -> torch.Tensor:
-    """BOS + bytes + EOS per document, concatenated, cut into rows of row_len (last row padded)."""
-    stream = []
-    for doc in docs:
-        stream.append(BOS)
-        stream.extend(doc)
-        stream.append(EOS)
-    num_rows = math.ceil(len(stream) / row_len)
-    stream.extend([PAD] * (num_rows * row_len - len(stream)))
-    return torch.tensor(stream, dtype=torch.long).view(num_rows, row_len)
+def load_split(folder: Path, split: str) -> torch.Tensor:
+    manifest = read_manifest(folder)
+    rows = [open_shard(folder, entry, manifest).all_rows() for entry in manifest.split_shards(split)]
+    return torch.from_numpy(np.concatenate(rows).astype(np.int64))
 
 
-def split_inputs_labels(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_inputs_labels(rows: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     inputs, labels = rows[:, :-1], rows[:, 1:].clone()
-    labels[labels == PAD] = -100  # pad positions do not count in the loss
+    labels[labels == pad_id] = IGNORE_INDEX  # pad positions do not count in the loss
     return inputs, labels
 
 
 @torch.no_grad()
-def loss_at_depth(model, rows: torch.Tensor, depth: int, batch_size: int, seed: int) -> float:
+def loss_at_depth(model, rows: torch.Tensor, depth: int, batch_size: int, seed: int, pad_id: int) -> float:
     """Mean token loss over `rows` at a fixed recurrence depth, with a seeded random initial state."""
     torch.manual_seed(seed)
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        inputs, labels = split_inputs_labels(rows[start:start + batch_size])
+        inputs, labels = split_inputs_labels(rows[start:start + batch_size], pad_id)
         out = model(inputs, num_steps=depth, labels=labels)
-        n = int((labels != -100).sum())
+        n = int((labels != IGNORE_INDEX).sum())
         total += float(out.loss) * n
         count += n
     return total / count
@@ -95,15 +96,29 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=()) -> int
     save_config(config, run_dir)
     print(f"[demo] run folder: {run_dir.resolve()}")
 
-    # 1. Data: real text on this machine, byte-level tokens, 95/5 document split.
-    docs = stdlib_documents(max_bytes=4_000_000)
-    random.Random(config.data.shuffle_seed).shuffle(docs)
-    num_val = max(1, len(docs) // 20)
-    train_rows = pack_rows(docs[num_val:], mc.max_seq_len + 1)
-    val_rows = pack_rows(docs[:num_val], mc.max_seq_len + 1)[:64]
-    print(f"[demo] corpus: {len(docs)} files of the Python standard library, "
-          f"{sum(map(len, docs)) / 1e6:.1f} MB -> {len(train_rows)} train rows, {len(val_rows)} validation rows "
-          f"of {mc.max_seq_len + 1} byte tokens")
+    # 1. Data: real text on this machine -> tokenizer -> verified shards (95/5 document split).
+    corpus = run_dir / "corpus" / "stdlib.jsonl"
+    if not corpus.exists():
+        num_docs, num_bytes = write_stdlib_corpus(corpus, CORPUS_BYTES)
+        print(f"[demo] corpus: {num_docs} files of the Python standard library, {num_bytes / 1e6:.1f} MB -> {corpus}")
+    tokenizer_path = run_dir / "tokenizer.json"
+    if not tokenizer_path.exists():
+        train_tokenizer([str(corpus)], mc.vocab_size, tokenizer_path, sample_bytes=CORPUS_BYTES,
+                        log=lambda m: print(m.replace("[prep]", "[demo]")))
+    shards = run_dir / "shards"
+    # carry packing keeps every token of the small corpus (the paper's drop packing would keep
+    # only the first row of each long source file at this sequence length)
+    run_shards(ShardSettings(inputs=[str(corpus)], tokenizer=str(tokenizer_path), seq_len=mc.max_seq_len,
+                             out=str(shards), pack="carry", val_fraction=0.05, seed=config.data.shuffle_seed,
+                             rows_per_shard=4096), log=lambda m: print(m.replace("[prep]", "[demo]")))
+    manifest, problems = verify_folder(shards)
+    if problems:
+        print("[demo] FAILED: shard verification:\n  " + "\n  ".join(problems))
+        return 1
+    pad_id = manifest.tokenizer.pad_id
+    train_rows, val_rows = load_split(shards, "train"), load_split(shards, "val")[:64]
+    print(f"[demo] shards verified: {len(train_rows)} train rows, {len(val_rows)} validation rows used, "
+          f"{mc.max_seq_len + 1} tokens each")
 
     # 2. Model and optimizer.
     torch.manual_seed(tc.seed)
@@ -125,7 +140,7 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=()) -> int
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = order[(torch.arange(tc.micro_batch_size) + step * tc.micro_batch_size) % len(order)]
-        inputs, labels = split_inputs_labels(train_rows[index])
+        inputs, labels = split_inputs_labels(train_rows[index], pad_id)
         num_steps = sampler(step)
         out = model(inputs, num_steps=num_steps, labels=labels)
         optimizer.zero_grad(set_to_none=True)
@@ -142,7 +157,8 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=()) -> int
 
     # 4. Validation loss against recurrence depth: the test-time scaling curve.
     model.eval()
-    curve = {d: loss_at_depth(model, val_rows, d, tc.micro_batch_size, seed=tc.seed) for d in tc.val_depths}
+    curve = {d: loss_at_depth(model, val_rows, d, tc.micro_batch_size, seed=tc.seed, pad_id=pad_id)
+             for d in tc.val_depths}
     print("[demo] validation loss by recurrence depth:")
     for depth, loss in curve.items():
         print(f"[demo]   r = {depth:3d}   loss {loss:.4f}   ppl {math.exp(loss):8.2f}")
