@@ -33,7 +33,7 @@ setup(
     extras_require={
         # MPI rank discovery; the PyPI MPICH brings its own mpirun.
         "mpi": ["mpi4py>=3.1", "mpich"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["rdhpc=rdhpc.cli:main"]},
 )

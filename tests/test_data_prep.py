@@ -371,3 +371,29 @@ def test_two_rank_mpi_run_matches_a_local_run(tmp_path, corpus, tokenizer_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["0 2 mpi", "1 2 mpi"]
     assert shard_bytes(tmp_path / "mpi") == shard_bytes(local)
+
+
+def test_globs_and_inspect(tmp_path, corpus, tokenizer_path):
+    root, _ = corpus
+    out = prep(tmp_path, root, tokenizer_path, inputs=[str(root / "txt" / "doc00*.txt"), f"extra={root / 'b.jsonl.gz'}"])
+    sources = read_manifest(out).report["sources"]
+    assert sources["main"]["documents"] == 10 and sources["extra"]["documents"] == 20
+    done = subprocess.run([sys.executable, "-m", "rdhpc.cli", "prep", "inspect", str(out), "--rows", "1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "<|begin_text|>" in done.stdout and "token histogram" in done.stdout
+
+
+def test_rank_discovery_from_each_launcher():
+    from rdhpc.distributed.ranks import discover_ranks
+
+    assert discover_ranks({}).launcher == "single"
+    torchrun = discover_ranks({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.launcher) == (3, 8, 1, "torchrun")
+    step = discover_ranks({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "1",
+                           "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_NTASKS": "16"})
+    assert (step.rank, step.world_size, step.local_rank, step.local_world_size, step.launcher) == (5, 16, 1, 8, "slurm")
+    # a batch script is one process even in a 16-task job: no ranks from SLURM_NTASKS alone
+    assert discover_ranks({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "7"}).world_size == 1
+    with pytest.raises(RuntimeError, match="RANK='x'"):
+        discover_ranks({"RANK": "x", "WORLD_SIZE": "2"})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -143,6 +144,8 @@ def main() -> int:
         tokens = sum(s["tokens"] for s in report["sources"].values())
         assert tokens == num_tokens, (tokens, num_tokens)
         record(f"rdhpc prep shards --workers {workers} (end to end)", seconds, tokens)
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(f"  (largest resident set of any prep process so far: {peak_mb:.0f} MB)")
     ratio = rows[-1]["tokens_per_s"] / fastest
     ratio_reading = rows[-1]["tokens_per_s"] / reading_baseline
     print(f"prep shards --workers 2 / fastest raw encoder on documents in memory = {ratio:.2f}; "
