@@ -118,6 +118,7 @@ _tokenizers: dict[tuple, TextTokenizer] = {}
 def _init_worker(settings_dict: dict, threads_per_worker: int | None):
     if threads_per_worker:
         os.environ["RAYON_NUM_THREADS"] = str(threads_per_worker)  # before tokenizers starts its pool
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
     settings = ShardSettings(**settings_dict)
     _worker_state["settings"] = settings
     _worker_state["tokenizer"] = load_tokenizer(settings.tokenizer)
@@ -264,6 +265,11 @@ class _Workers:
     """This rank's worker processes, started once for both stages (spawned: each loads the
     tokenizer once), or nothing when there is one worker and tasks run in this process."""
 
+    # fork: workers inherit the loaded modules and tokenizer instead of paying ~1 s each to import
+    # and load them again. Both encoders handle a fork: gigatoken encodes on the calling thread in
+    # a forked child, HF tokenizers turns its own parallelism off there.
+    start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
     def __init__(self, settings: ShardSettings):
         self.settings, self.pool = settings, None
 
@@ -273,7 +279,7 @@ class _Workers:
             return map(fn, tasks)
         if self.pool is None:
             threads = max(1, (os.cpu_count() or 1) // self.settings.workers)
-            self.pool = multiprocessing.get_context("spawn").Pool(
+            self.pool = multiprocessing.get_context(self.start_method).Pool(
                 self.settings.workers, initializer=_init_worker, initargs=(asdict(self.settings), threads))
         return self.pool.imap_unordered(fn, tasks)
 
