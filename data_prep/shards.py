@@ -203,7 +203,9 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
 
 def _open_piece(path: Path):
     table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    tokens = table.column("tokens").combine_chunks()
+    column = table.column("tokens")
+    # combine_chunks copies even a single chunk: keep the memory-mapped one (no copy, no RSS)
+    tokens = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     return (table.column("key").to_numpy(), table.column("val").to_numpy(zero_copy_only=False),
             table.column("copies").to_numpy().astype(np.int64), tokens.offsets.to_numpy(), tokens.values.to_numpy())
 
@@ -323,6 +325,7 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
     problems = settings.problems()
     if problems:
         raise InputError("; ".join(problems))
+    started = time.monotonic()
     ranks = discover_ranks()
     out, work = Path(settings.out), Path(settings.out) / WORK_DIR
     sources = parse_sources(settings.inputs, settings.weights)
@@ -366,8 +369,10 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
                 f"{ranks.world_size} rank(s) ({ranks.launcher}) x {settings.workers} worker(s)"
                 + (f"; resuming: {sum(p.exists() for p in piece_paths)} pieces already tokenized"
                    if any(p.exists() for p in piece_paths) else ""))
+        setup_done = time.monotonic()
         _run_tasks(tokenize_piece, todo, workers, "tokenize", show, "piece")
         _wait_for(piece_paths, work, "tokenize", wait_timeout)
+        tokenize_done = time.monotonic()
 
         stats = [json.loads(p.with_suffix(".json").read_text()) for p in piece_paths]
         capped = "capped_" if settings.pack == "drop" else ""
@@ -398,7 +403,9 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
     manifest.write(out)
     shutil.rmtree(work, ignore_errors=True)
     train, val = manifest.totals("train"), manifest.totals("val")
-    log(f"[prep] wrote {out}: train {train['rows']} rows / {train['real_tokens']:,} tokens in "
+    timing = (f"set-up {setup_done - started:.2f} s, tokenize {tokenize_done - setup_done:.2f} s, "
+              f"pack {time.monotonic() - tokenize_done:.2f} s")
+    log(f"[prep] wrote {out} ({timing}): train {train['rows']} rows / {train['real_tokens']:,} tokens in "
         f"{len(manifest.split_shards('train'))} shards, val {val['rows']} rows / {val['real_tokens']:,} tokens; "
         f"{report['documents_read']:,} documents read, {report['records_skipped']} records skipped, "
         f"{report['dropped_tokens']:,} tokens dropped by {settings.pack} packing")

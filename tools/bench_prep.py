@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -69,6 +68,7 @@ def main() -> int:
     parser.add_argument("--mb", type=float, default=120, help="corpus size in MB (the goal asks for >= 100)")
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--hf-mb", type=float, default=20, help="text the (slow) HF encoders are timed on")
     parser.add_argument("--work", default="/tmp/rdhpc-bench-prep")
     parser.add_argument("--out-json", default=None, help="write the figures here")
     args = parser.parse_args()
@@ -120,12 +120,21 @@ def main() -> int:
     record("encoder gigatoken reading the .jsonl itself (all cores)", seconds, num_tokens)
     read_seconds, _ = timed(lambda: read_docs(files))
     print(f"  (reading the .jsonl with Python's json: {read_seconds:.2f} s)")
+    # HF runs at under 1 M tokens/s here: timed on the first documents, up to --hf-mb of text.
+    hf_docs, hf_bytes = [], 0
+    for doc in docs:
+        if hf_bytes >= args.hf_mb * 1e6:
+            break
+        hf_docs.append(doc)
+        hf_bytes += len(doc.encode())
+    hf_tokens = int(fast.encode_batch_flat(hf_docs)[1][-1])
     hf = Tokenizer.from_file(str(tokenizer_path))
     hf.encode_special_tokens = True
-    seconds, _ = timed(lambda: hf.encode_batch_fast(docs, add_special_tokens=False))
-    record("encoder HF tokenizers encode_batch_fast (all cores)", seconds, num_tokens)
-    seconds, _ = timed(lambda: hf.encode_batch(docs, add_special_tokens=False))
-    record("encoder HF tokenizers encode_batch (all cores)", seconds, num_tokens)
+    seconds, _ = timed(lambda: hf.encode_batch_fast(hf_docs, add_special_tokens=False))
+    record(f"encoder HF tokenizers encode_batch_fast (all cores, {hf_bytes / 1e6:.0f} MB)", seconds, hf_tokens)
+    seconds, _ = timed(lambda: hf.encode_batch(hf_docs, add_special_tokens=False))
+    record(f"encoder HF tokenizers encode_batch (all cores, {hf_bytes / 1e6:.0f} MB)", seconds, hf_tokens)
+    del hf
     fastest = max(r["tokens_per_s"] for r in rows)
     reading_baseline = rows[2]["tokens_per_s"]
 
@@ -133,7 +142,10 @@ def main() -> int:
     for workers in (1, 2):
         out = work / f"shards-w{workers}"
         shutil.rmtree(out, ignore_errors=True)
-        command = [sys.executable, "-m", "rdhpc.cli", "prep", "shards", "--input", str(corpus_dir),
+        # GNU time reports the peak resident memory of the command (the largest of it and its workers);
+        # a getrusage from this process would count the pages its children had before exec.
+        timer = ["/usr/bin/time", "-f", "PEAK_RSS_KB %M"] if Path("/usr/bin/time").exists() else []
+        command = [*timer, sys.executable, "-m", "rdhpc.cli", "prep", "shards", "--input", str(corpus_dir),
                    "--tokenizer", str(tokenizer_path), "--seq-len", str(args.seq_len), "--out", str(out),
                    "--workers", str(workers), "--piece-bytes", "16e6"]
         seconds, done = timed(lambda: subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT))
@@ -144,8 +156,10 @@ def main() -> int:
         tokens = sum(s["tokens"] for s in report["sources"].values())
         assert tokens == num_tokens, (tokens, num_tokens)
         record(f"rdhpc prep shards --workers {workers} (end to end)", seconds, tokens)
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        print(f"  (largest resident set of any prep process so far: {peak_mb:.0f} MB)")
+        peak = [int(line.split()[1]) // 1024 for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
+        rows[-1]["peak_rss_mb"] = peak[0] if peak else None
+        print(f"  (peak resident memory of one prep process: {peak[0] if peak else 'n/a'} MB; "
+              + [line for line in done.stdout.splitlines() if "wrote" in line][0].split(": train")[0] + ")")
     ratio = rows[-1]["tokens_per_s"] / fastest
     ratio_reading = rows[-1]["tokens_per_s"] / reading_baseline
     print(f"prep shards --workers 2 / fastest raw encoder on documents in memory = {ratio:.2f}; "

@@ -1,0 +1,207 @@
+"""Training batches from token shards: one global order shared by every rank, each rank a disjoint
+slice of every global batch, prepared ahead of the step by a background thread.
+
+    dataset = ShardDataset("shards/", "train", seq_len=4096)
+    loader = BatchLoader(dataset, global_batch_size=4096, micro_batch_size=1, rank=r, world_size=W, seed=0)
+    for step_batches in loader:             # one entry per optimizer step
+        for inputs, labels in step_batches: # the micro-batches of this rank (gradient accumulation)
+            ...
+
+The order is a seeded pseudo-random permutation of all rows, computed row by row (a Feistel network
+with cycle walking), so it needs no memory however many rows there are and every rank computes the
+same one without communicating. The position is counted in global batches: a run resumed on another
+number of ranks (same global batch) continues with exactly the same data. The released code of the
+paper shuffled files per rank, so some files were read twice and others never; this cannot happen
+here.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rdhpc.data.format import ShardError, open_shard, read_manifest
+
+IGNORE_INDEX = -100  # the model's ignore index (rdhpc.model.IGNORE_INDEX; not imported: keeps torch.nn out)
+_ROUNDS = 6
+
+
+class FeistelPermutation:
+    """A bijection of [0, n) drawn from (seed, epoch), evaluated for any index array in O(1) memory."""
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        if n < 1:
+            raise ValueError("cannot permute an empty range")
+        self.n = n
+        bits = max(2, int(n - 1).bit_length())
+        self.low_bits = bits // 2
+        self.high_bits = bits - self.low_bits
+        self.low_mask = np.uint64((1 << self.low_bits) - 1)
+        self.high_mask = np.uint64((1 << self.high_bits) - 1)
+        rng = np.random.default_rng([seed, epoch, 0xFE15])
+        self.keys = rng.integers(0, 2 ** 63, size=_ROUNDS, dtype=np.uint64)
+
+    @staticmethod
+    def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+        z = (x ^ key) * np.uint64(0x9E3779B97F4A7C15)
+        z ^= z >> np.uint64(29)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        return z ^ (z >> np.uint64(32))
+
+    def _round_trip(self, x: np.ndarray) -> np.ndarray:
+        # An unbalanced Feistel network on (high, low): alternate which half absorbs the mix, each
+        # half reduced to its own width, so every round is a bijection of [0, 2^bits).
+        high, low = x >> np.uint64(self.low_bits), x & self.low_mask
+        for i, key in enumerate(self.keys):
+            if i % 2 == 0:
+                high = (high + self._mix(low, key)) & self.high_mask
+            else:
+                low = (low + self._mix(high, key)) & self.low_mask
+        return (high << np.uint64(self.low_bits)) | low
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        x = np.asarray(index, dtype=np.uint64)
+        if x.size and int(x.max()) >= self.n:
+            raise IndexError(f"index {int(x.max())} out of range for {self.n} rows")
+        x = self._round_trip(x)
+        outside = x >= self.n
+        while outside.any():  # cycle walking: step again until back inside [0, n)
+            x[outside] = self._round_trip(x[outside])
+            outside = x >= self.n
+        return x.astype(np.int64)
+
+
+class ShardDataset:
+    """Every row of one split of a `rdhpc prep shards` folder, addressed by a global row index.
+    Each shard is checked when opened (version, dtype, seq_len, tokenizer hash, row count; sha256
+    too with verify_checksums): a bad shard stops the run before step 1, naming the file."""
+
+    def __init__(self, folder: str | Path, split: str, seq_len: int | None = None,
+                 tokenizer_sha256: str | None = None, verify_checksums: bool = False):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        if seq_len is not None and self.manifest.seq_len != seq_len:
+            raise ShardError(f"{self.folder / 'manifest.json'}: shards of seq_len {self.manifest.seq_len}, "
+                             f"the run expects {seq_len} (model.max_seq_len)")
+        if tokenizer_sha256 is not None and self.manifest.tokenizer.sha256 != tokenizer_sha256:
+            raise ShardError(f"{self.folder / 'manifest.json'}: made with tokenizer {self.manifest.tokenizer.sha256[:12]}, "
+                             f"the run expects {tokenizer_sha256[:12]}")
+        entries = [e for e in self.manifest.split_shards(split) if e.rows > 0]
+        if not entries:
+            raise ShardError(f"{self.folder}: no {split} rows")
+        self.readers = [open_shard(self.folder, e, self.manifest, verify_checksum=verify_checksums) for e in entries]
+        self.starts = np.cumsum([0] + [len(r) for r in self.readers])
+        self.num_rows = int(self.starts[-1])
+        self.seq_len = self.manifest.seq_len
+        self.pad_id = self.manifest.tokenizer.pad_id
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        shard = np.searchsorted(self.starts, indices, side="right") - 1
+        out = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
+        for i, (s, index) in enumerate(zip(shard.tolist(), indices.tolist())):
+            out[i] = self.readers[s].row(index - int(self.starts[s]))
+        return out
+
+
+def inputs_and_labels(rows: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of L+1 tokens -> inputs row[:-1] and labels row[1:], with pad labels ignored."""
+    tokens = torch.from_numpy(rows)
+    labels = tokens[:, 1:].clone()
+    labels[labels == pad_id] = IGNORE_INDEX
+    return tokens[:, :-1].contiguous(), labels
+
+
+class BatchLoader:
+    """Yields, per optimizer step, this rank's micro-batches [(inputs, labels), ...]."""
+
+    def __init__(self, dataset: ShardDataset, global_batch_size: int, micro_batch_size: int, rank: int,
+                 world_size: int, seed: int, on_exhausted: str = "stop", prefetch_steps: int = 2):
+        per_rank, remainder = divmod(global_batch_size, world_size)
+        if remainder or per_rank % micro_batch_size:
+            raise ValueError(f"global batch {global_batch_size} does not split into {world_size} ranks x "
+                             f"micro-batches of {micro_batch_size}")
+        if len(dataset) < global_batch_size:
+            raise ShardError(f"{dataset.folder}: {len(dataset)} rows, fewer than one global batch of {global_batch_size}")
+        if on_exhausted not in ("stop", "new_epoch"):
+            raise ValueError(f"on_exhausted must be 'stop' or 'new_epoch', got {on_exhausted!r}")
+        self.dataset, self.global_batch_size, self.micro_batch_size = dataset, global_batch_size, micro_batch_size
+        self.rank, self.world_size, self.seed, self.on_exhausted = rank, world_size, seed, on_exhausted
+        self.per_rank = per_rank
+        self.steps_per_epoch = len(dataset) // global_batch_size  # the incomplete last batch is left out
+        self.prefetch_steps = prefetch_steps
+        self.consumed_steps = 0  # global batches handed out: the position a checkpoint stores
+        self._permutations: dict[int, FeistelPermutation] = {}
+
+    # ---- the global order -------------------------------------------------------------------------
+    def global_batch_indices(self, step: int) -> np.ndarray:
+        """Row indices of the whole global batch of optimizer step `step` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch not in self._permutations:
+            self._permutations = {epoch: FeistelPermutation(len(self.dataset), self.seed, epoch)}
+        positions = np.arange(within * self.global_batch_size, (within + 1) * self.global_batch_size)
+        return self._permutations[epoch](positions)
+
+    def rank_batch_indices(self, step: int) -> np.ndarray:
+        indices = self.global_batch_indices(step)
+        return indices[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+
+    def step_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rows = self.dataset.rows(self.rank_batch_indices(step))
+        return [inputs_and_labels(rows[i:i + self.micro_batch_size], self.dataset.pad_id)
+                for i in range(0, len(rows), self.micro_batch_size)]
+
+    def exhausted(self, step: int) -> bool:
+        return self.on_exhausted == "stop" and step >= self.steps_per_epoch
+
+    # ---- iteration with prefetch ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"consumed_steps": self.consumed_steps, "seed": self.seed, "global_batch_size": self.global_batch_size,
+                "num_rows": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "global_batch_size", "num_rows"):
+            if state[key] != self.state_dict()[key]:
+                raise ValueError(f"cannot resume the data order: {key} was {state[key]}, now {self.state_dict()[key]}")
+        self.consumed_steps = int(state["consumed_steps"])
+
+    def __iter__(self):
+        """Steps from the current position on; a background thread prepares the next ones."""
+        ready: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch_steps))
+        stop = threading.Event()
+        first = self.consumed_steps
+
+        def produce():
+            step = first
+            try:
+                while not stop.is_set() and not self.exhausted(step):
+                    item = (step, self.step_batches(step))
+                    while not stop.is_set():
+                        try:
+                            ready.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    step += 1
+                ready.put(None)
+            except BaseException as exc:  # handed to the training thread, which raises it
+                ready.put(exc)
+
+        worker = threading.Thread(target=produce, name="rdhpc-batch-prefetch", daemon=True)
+        worker.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                step, batches = item
+                self.consumed_steps = step + 1
+                yield batches
+        finally:
+            stop.set()
+            worker.join(timeout=5)
