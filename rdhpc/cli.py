@@ -13,8 +13,6 @@ import sys
 
 # Subcommands that belong to the pipeline but are not built yet: (name, what it will do, issue).
 PLANNED = [
-    ("train", "DeepSpeed ZeRO pretraining with exact resume", 3),
-    ("launch", "start N local ranks of the trainer", 3),
     ("submit", "submit training or a prep stage to Slurm through submitit", 4),
     ("status", "state, last step and loss of a submitted job", 4),
     ("eval", "validation loss against recurrence depth", 5),
@@ -56,6 +54,25 @@ def model_summary(model_config) -> str:
             f"{model.unrolled_parameters(r):,} unrolled at the mean depth r={r}")
 
 
+def cmd_train(args) -> int:
+    from rdhpc.config import load_config
+    from rdhpc.distributed import discover_ranks
+    from rdhpc.train.trainer import train
+
+    run = load_config(args.config, args.overrides)
+    train(run, discover_ranks())
+    return 0
+
+
+def cmd_launch_local(args) -> int:
+    from rdhpc.config import load_config
+    from rdhpc.launch.local import launch_local
+
+    load_config(args.config, args.overrides)  # every problem reported once, before any rank starts
+    command = ["train", args.config] + [f"--set={o}" for o in args.overrides]
+    return launch_local(command, args.nproc, log=lambda *a, **k: print(*a, **k))
+
+
 def cmd_demo(args) -> int:
     from rdhpc.demo import run_demo
 
@@ -70,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.add_argument("--quiet", action="store_true", help="only validate and print the summary")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("train", help="DeepSpeed ZeRO pretraining (this process is one rank)")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("launch", help="start the trainer on several ranks")
+    where = p.add_subparsers(dest="where", metavar="WHERE", required=True)
+    q = where.add_parser("local", help="N ranks on this machine (gloo on CPU, one GPU each otherwise)")
+    add_config_arguments(q)
+    q.add_argument("--nproc", type=int, default=1)
+    q.set_defaults(func=cmd_launch_local)
 
     p = sub.add_parser("demo", help="the main job on an embedded default (what `make demo` runs)")
     p.add_argument("--run-dir", default="runs/demo")

@@ -1,0 +1,55 @@
+"""`rdhpc launch local CONFIG --nproc N`: N ranks of the trainer on this machine.
+
+Each rank is a process with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free
+MASTER_PORT set explicitly (left unset, DeepSpeed tries its own MPI discovery and may pick the
+machine's external address). When one rank fails, the others are stopped and the launcher exits
+with that rank's status: nothing is left waiting on a dead peer, nothing reports success.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(command: list[str], nproc: int, log=print, grace_s: float = 10.0) -> int:
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_STEP"))}
+        env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "rdhpc.cli", *command], env=env))
+    status = 0
+    try:
+        while procs and any(p.poll() is None for p in procs):
+            failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if failed:
+                rank, status = failed[0]
+                log(f"[launch] rank {rank} exited with status {status}: stopping the other ranks", file=sys.stderr)
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    if status == 0:
+        status = next((p.returncode for p in procs if p.returncode != 0), 0)
+    return status if status > 0 else (1 if status else 0)
