@@ -72,7 +72,8 @@ def test_two_ranks_train_checkpoint_and_resume_exactly(tmp_path, shards):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/recurrence", "train/tokens_per_s", "train/tflops_per_gpu",
-                "train/mfu", "train/mem_gib", "val/loss_r1", "val/loss_r8"):
+                "train/mfu", "train/mem_gib", "train/grad_norm", "val/loss_r1", "val/loss_r8", "state/rel_change",
+                "state/norm"):
         assert tag in tags, tag
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
     assert [e.step for e in events.Scalars("val/loss_r4")] == [4, 8]
@@ -133,3 +134,22 @@ def test_flops_count_the_sampled_depth():
     # 24 more forward iterations of the core: 2 flops per core parameter plus attention, per iteration
     core = 4 * 395_398_080 + 2 * 5280 * 5280 - 4 * (4 * 5280)  # without the norms
     assert deep - shallow == pytest.approx(24 * (2 * core + 4 * 4 * 4096 * 5280), rel=1e-3)
+
+
+def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path, shards, monkeypatch):
+    monkeypatch.setenv("RDHPC_FAULT_NAN_STEPS", "3")
+    run_dir = tmp_path / "nan"
+    done = launch(tmp_path, shards, run_dir, "train.max_steps=6", "train.max_consecutive_skips=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in all)" in done.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/skipped_steps")] == [(3, 1.0)]
+    assert all(np.isfinite(v) for step, v in losses(run_dir).items() if step != 3)
+
+    monkeypatch.setenv("RDHPC_FAULT_NAN_STEPS", "2,3,4")
+    done = launch(tmp_path, shards, tmp_path / "nan2", "train.max_steps=6", "train.max_consecutive_skips=2")
+    assert done.returncode == 2
+    assert "2 consecutive steps with a non-finite loss or gradient" in done.stderr

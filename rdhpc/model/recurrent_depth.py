@@ -32,6 +32,7 @@ class ModelOutput:
     loss: torch.Tensor | None  # scalar mean cross-entropy over labels != IGNORE_INDEX
     latent_state: torch.Tensor  # (B, T, C): s_r, the state after the last core iteration
     num_steps: tuple[int, int]  # (iterations without gradient, iterations with gradient) actually run
+    previous_state: torch.Tensor | None = None  # s_{r-1}, for the convergence diagnostic |s_r - s_{r-1}| / |s_r|
 
 
 def _trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
@@ -130,19 +131,21 @@ class RecurrentDepthModel(nn.Module):
             x = block(x, rope)
         return x
 
-    def iterate(self, state, embedded, rope, num_steps: tuple[int, int]) -> torch.Tensor:
+    def iterate(self, state, embedded, rope, num_steps: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_r, s_{r-1}) after n_no_grad + n_grad iterations."""
         n_no_grad, n_grad = num_steps
+        previous = state
         # The no-grad iterations keep no activations; only the last n_grad build a graph, so
         # memory grows with k, not with the sampled depth.
         with torch.no_grad():
             for _ in range(n_no_grad):
-                state = self.core_iteration(state, embedded, rope)
+                previous, state = state, self.core_iteration(state, embedded, rope)
         for _ in range(n_grad):
             if self.config.activation_checkpointing and torch.is_grad_enabled():
-                state = checkpoint(self.core_iteration, state, embedded, rope, use_reentrant=False)
+                previous, state = state, checkpoint(self.core_iteration, state, embedded, rope, use_reentrant=False)
             else:
-                state = self.core_iteration(state, embedded, rope)
-        return state
+                previous, state = state, self.core_iteration(state, embedded, rope)
+        return state, previous
 
     def forward(self, input_ids: torch.Tensor, num_steps=None, labels: torch.Tensor | None = None,
                 init_scale: float = 1.0, input_states: torch.Tensor | None = None,
@@ -159,7 +162,7 @@ class RecurrentDepthModel(nn.Module):
             x = block(x, rope)
         embedded = x
         state = input_states if input_states is not None else self.initial_state(embedded, init_scale)
-        state = self.iterate(state, embedded, rope, steps)
+        state, previous = self.iterate(state, embedded, rope, steps)
 
         x = self.final_norm(state)
         for block in self.coda:
@@ -170,7 +173,7 @@ class RecurrentDepthModel(nn.Module):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-        return ModelOutput(logits if return_logits else None, loss, state, steps)
+        return ModelOutput(logits if return_logits else None, loss, state, steps, previous)
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import json
+import math
 import os
 import shutil
 import time
@@ -24,6 +25,7 @@ import torch
 from rdhpc.config import ConfigError, RunConfig, save_config
 from rdhpc.data.loader import BatchLoader, ShardDataset
 from rdhpc.distributed import RankInfo
+from rdhpc.errors import UserError
 from rdhpc.model import DepthSampler, RecurrentDepthModel
 from rdhpc.train.deepspeed_config import build_deepspeed_config
 from rdhpc.train.metrics import flops_per_token
@@ -31,6 +33,12 @@ from rdhpc.train.optim import LRSchedule, build_optimizer
 
 LATEST = "latest"
 STATE_DIR = "rdhpc"
+# Fault injection for tests and drills: "3,4" makes rank 0's loss NaN at optimizer steps 3 and 4.
+FAULT_NAN_STEPS = "RDHPC_FAULT_NAN_STEPS"
+
+
+class TrainingError(UserError, RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); every rank raises it."""
 
 
 def _skip_deepspeed_shm_op():
@@ -47,6 +55,9 @@ class Trainer:
         self.checkpoint_dir = Path(run.checkpoint.dir or self.run_dir / "checkpoints")
         self.step = 0
         self.writer = None
+        self.skipped_steps = 0  # steps with a non-finite loss or gradient, not applied
+        self.consecutive_skips = 0
+        self.nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
 
     # ---- set-up -------------------------------------------------------------------------------
     def setup(self):
@@ -123,7 +134,8 @@ class Trainer:
                    state_dir / f"rng_rank{self.ranks.rank}.pt")
         if self.ranks.is_main:
             (state_dir / "trainer_state.json").write_text(json.dumps(
-                {"step": self.step, "loader": self.loader.state_dict(), "world_size": self.ranks.world_size}))
+                {"step": self.step, "loader": self.loader.state_dict(), "world_size": self.ranks.world_size,
+                 "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}))
             save_config(self.run, state_dir)
             (state_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2))
         dist.barrier()  # every rank finished writing: only now may the pointer move
@@ -156,6 +168,7 @@ class Trainer:
                                f"has {self.ranks.world_size}; convert it to a universal checkpoint first"])
         self.engine.load_checkpoint(str(folder), tag=tag)
         self.step = state["step"]
+        self.skipped_steps, self.consecutive_skips = state["skipped_steps"], state["consecutive_skips"]
         self.loader.load_state_dict(state["loader"])
         rng = torch.load(state_dir / f"rng_rank{self.ranks.rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
@@ -184,14 +197,38 @@ class Trainer:
                 group["lr"] = lr
             n_no_grad, n_grad = self.sampler(self.step)
             micro_losses = []
+            skipped_before = self.engine.skipped_steps
             for inputs, labels in step_batches:
                 out = self.engine(inputs.to(self.device), num_steps=(n_no_grad, n_grad), labels=labels.to(self.device),
                                   return_logits=False)
-                self.engine.backward(out.loss)
+                loss_for_backward = out.loss
+                if self.step + 1 in self.nan_steps and self.ranks.is_main:
+                    loss_for_backward = out.loss * float("nan")
+                self.engine.backward(loss_for_backward)
+                # ZeRO's optimizers check the reduced gradients for inf/NaN on every rank alike and
+                # skip the update (clearing the gradients); the engine counts it.
                 self.engine.step()
-                micro_losses.append(out.loss.item())
+                micro_losses.append(loss_for_backward.item())
+            with torch.no_grad():  # the paper's convergence diagnostics of the latent state
+                state, previous = out.latent_state.float(), out.previous_state.float()
+                rel_change = ((state - previous).norm() / state.norm().clamp_min(1e-12)).item()
+                state_norm = state.norm(dim=-1).mean().item()
             self.step += 1
-            (loss,) = self._mean_over_ranks([sum(micro_losses) / len(micro_losses)])
+            loss, rel_change, state_norm = self._mean_over_ranks(
+                [sum(micro_losses) / len(micro_losses), rel_change, state_norm])
+            self.state_diagnostics = {"state/rel_change": rel_change, "state/norm": state_norm}
+            skipped = self.engine.skipped_steps > skipped_before or not math.isfinite(loss)
+            self.skipped_steps += skipped
+            self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+            if skipped:
+                self.log(f"[train] step {self.step}: non-finite loss or gradient, update skipped "
+                         f"({self.consecutive_skips} in a row, {self.skipped_steps} in all)")
+                if self.writer is not None:
+                    self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
+            if self.consecutive_skips >= tc.max_consecutive_skips:
+                raise TrainingError(f"rank {self.ranks.rank}: {self.consecutive_skips} consecutive steps with a "
+                                    f"non-finite loss or gradient (train.max_consecutive_skips = "
+                                    f"{tc.max_consecutive_skips}); stopping at step {self.step}")
             losses.append(loss)
             if self.ranks.is_main:  # one line per step: what tests and reports read back
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -222,6 +259,7 @@ class Trainer:
                        "train/tflops_per_gpu": tflops, "train/mfu": mfu, "train/mem_gib": mem}
             if grad_norm is not None:
                 scalars["train/grad_norm"] = float(grad_norm)
+            scalars.update(self.state_diagnostics)
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, self.step)
             self.writer.flush()
