@@ -153,3 +153,45 @@ def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path, shards, monk
     done = launch(tmp_path, shards, tmp_path / "nan2", "train.max_steps=6", "train.max_consecutive_skips=2")
     assert done.returncode == 2
     assert "2 consecutive steps with a non-finite loss or gradient" in done.stderr
+
+
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"),
+                                              (1, "bf16"), (2, "bf16"), (3, "bf16")])
+def test_every_zero_stage_and_precision_trains(tmp_path, shards, stage, precision):
+    run_dir = tmp_path / f"z{stage}{precision}"
+    done = launch(tmp_path, shards, run_dir, "train.max_steps=8", f"zero.stage={stage}", f"train.precision={precision}",
+                  "train.val_interval=100", "checkpoint.interval=100")
+    assert done.returncode == 0, done.stderr[-3000:]
+    curve = losses(run_dir)
+    assert np.mean([curve[7], curve[8]]) < np.mean([curve[1], curve[2]]) - 0.05
+
+
+def test_bf16_with_stage_0_is_refused(tmp_path, shards):
+    done = launch(tmp_path, shards, tmp_path / "refused", "train.max_steps=2", "zero.stage=0", "train.precision=bf16")
+    assert done.returncode == 2 and "bf16 needs ZeRO stage >= 1" in done.stderr
+
+
+def test_killed_during_a_save_resumes_exactly(tmp_path, shards):
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    reference = tmp_path / "reference"
+    assert launch(tmp_path, shards, reference, "train.max_steps=8").returncode == 0
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "rdhpc.cli", "launch", "local", "configs/debug.yaml", "--nproc", "2",
+               "--set", f"data.train_dir={shards}", "--set", "model.max_seq_len=64", "--set", f"logging.run_dir={run_dir}",
+               "--set", "train.max_steps=8", "--set", "checkpoint.interval=1", "--set", "train.val_interval=4"]
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # wait until checkpoints are being written, then kill -9 the whole launch (all ranks) mid-run
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list((run_dir / "checkpoints").glob("step*"))) < 3:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "metrics.jsonl").exists() or max(losses(run_dir)) < 8
+    done = launch(tmp_path, shards, run_dir, "train.max_steps=8", "checkpoint.interval=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(run_dir) == losses(reference)
