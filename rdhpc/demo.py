@@ -2,13 +2,13 @@
 
     rdhpc demo --run-dir runs/demo          # about a minute on 2 CPU cores
 
-Until the DeepSpeed trainer exists (issue 3), this is the longest end-to-end path of the pipeline:
-a corpus from the Python standard library's own sources (real text already on the machine, never
-downloaded), `rdhpc prep tokenizer` and `rdhpc prep shards` (verified Arrow shards), the
-recurrent-depth model trained in one process on those shards with the paper's depth sampler and
-truncated backpropagation, validation loss against recurrence depth, and an export to the released
-Huginn checkpoint layout that is read back and checked for identical logits. Everything is written
-under the run folder; a second run reuses the tokenizer and shards.
+The whole pipeline on 2 CPU cores: a corpus from the Python standard library's own sources (real
+text already on the machine, never downloaded), `rdhpc prep tokenizer` and `rdhpc prep shards`
+(verified Arrow shards), the DeepSpeed trainer on 2 local ranks (gloo) with the paper's depth sampler
+and truncated backpropagation, checkpoints and TensorBoard, validation loss against recurrence depth
+(the run fails unless more depth helps), and an export to the released Huginn checkpoint layout that
+is read back and checked for identical logits. Everything is written under the run folder; a second
+run reuses the tokenizer, the shards and the finished training.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import sysconfig
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,14 @@ import torch
 from data_prep.shards import ShardSettings, run_shards
 from data_prep.tokenizer_train import train_tokenizer
 from rdhpc.config import load_config, save_config
+from rdhpc.launch.local import launch_local
 from rdhpc.data.format import open_shard, read_manifest, verify_folder
-from rdhpc.model import IGNORE_INDEX, DepthSampler, RecurrentDepthModel, load_huginn, save_huginn
+from rdhpc.model import IGNORE_INDEX, RecurrentDepthModel, load_huginn, save_huginn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 CORPUS_BYTES = 4_000_000
+NUM_RANKS = 2
 
 
 def write_stdlib_corpus(path: Path, max_bytes: int) -> tuple[int, int]:
@@ -81,13 +82,6 @@ def loss_at_depth(model, rows: torch.Tensor, depth: int, batch_size: int, seed: 
     return total / count
 
 
-def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def run_demo(run_dir: str | Path, steps: int | None = None, overrides=()) -> int:
     config = load_config(DEMO_CONFIG, list(overrides))
     mc, tc = config.model, config.train
@@ -120,40 +114,23 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=()) -> int
     print(f"[demo] shards verified: {len(train_rows)} train rows, {len(val_rows)} validation rows used, "
           f"{mc.max_seq_len + 1} tokens each")
 
-    # 2. Model and optimizer.
-    torch.manual_seed(tc.seed)
+    # 2-3. The DeepSpeed trainer on 2 local ranks (gloo): depth drawn per step from the step number,
+    # truncated backpropagation, checkpoints and TensorBoard. A second demo run resumes at the end.
+    train_dir = run_dir / "train"
+    command = ["train", str(DEMO_CONFIG), f"--set=data.train_dir={shards}", f"--set=logging.run_dir={train_dir}",
+               f"--set=train.max_steps={steps}", *[f"--set={o}" for o in overrides]]
+    status = launch_local(command, nproc=NUM_RANKS)
+    if status:
+        print(f"[demo] FAILED: training exited with status {status}")
+        return 1
+    losses = [json.loads(line)["loss"] for line in open(train_dir / "metrics.jsonl")]
+    checkpoints = train_dir / "checkpoints"
+    tag = (checkpoints / "latest").read_text().strip()
+    # Our own checkpoint (ZeRO stage 1 keeps the whole module in rank 0's model states).
+    state = torch.load(checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     model = RecurrentDepthModel(mc)
-    print(f"[demo] model: {model.parameter_counts()['total']:,} parameters, "
-          f"prelude/core/coda = {mc.num_prelude_layers}/{mc.num_core_layers}/{mc.num_coda_layers}, "
-          f"mean depth {mc.mean_recurrence}, backprop depth {mc.mean_backprop_depth}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
-                                  weight_decay=config.optim.weight_decay, eps=config.optim.eps)
-    sampler = DepthSampler.from_model_config(mc, seed=tc.seed)
-    order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(config.data.shuffle_seed))
-
-    # 3. Training: depth drawn per step from the step number, truncated backpropagation.
-    losses = []
-    start = time.perf_counter()
-    tokens_seen = 0
-    for step in range(steps):
-        lr = lr_at(step, config.optim.lr, config.schedule.warmup_steps, steps, config.schedule.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        index = order[(torch.arange(tc.micro_batch_size) + step * tc.micro_batch_size) % len(order)]
-        inputs, labels = split_inputs_labels(train_rows[index], pad_id)
-        num_steps = sampler(step)
-        out = model(inputs, num_steps=num_steps, labels=labels)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        optimizer.step()
-        losses.append(out.loss.item())
-        tokens_seen += inputs.numel()
-        if step % tc.log_interval == 0 or step == steps - 1:
-            elapsed = time.perf_counter() - start
-            print(f"[demo] step {step:4d}/{steps}  loss {losses[-1]:.3f}  r={sum(num_steps):2d} "
-                  f"(no-grad {num_steps[0]}, grad {num_steps[1]})  lr {lr:.2e}  {tokens_seen / elapsed:,.0f} tok/s",
-                  flush=True)
+    model.load_state_dict(state["module"])
+    print(f"[demo] trained {len(losses)} steps on {NUM_RANKS} ranks; checkpoint {checkpoints / tag}")
 
     # 4. Validation loss against recurrence depth: the test-time scaling curve.
     model.eval()
@@ -170,12 +147,14 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=()) -> int
     same = torch.equal(model(probe, num_steps=4, init_scale=0).logits, reloaded(probe, num_steps=4, init_scale=0).logits)
     print(f"[demo] exported {export_dir}/ (config.json + model.safetensors); reloaded logits identical: {same}")
 
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
     results = {"train_loss_first10": first, "train_loss_last10": last, "val_loss_by_depth": curve,
                "steps": steps, "export_roundtrip_identical": same}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"[demo] train loss {first:.3f} -> {last:.3f}; results in {run_dir / 'results.json'}")
-    ok = same and last < first
+    print(f"[demo] watch the run:  tensorboard --logdir {train_dir / 'tensorboard'} --host 127.0.0.1 --port 6006")
+    deeper_helps = curve[max(d for d in curve if d <= 8)] < curve[min(curve)]
+    ok = same and last < first and deeper_helps
     if not ok:
-        print("[demo] FAILED: the loss did not fall or the export did not round-trip")
+        print("[demo] FAILED: the loss did not fall, more depth did not help, or the export did not round-trip")
     return 0 if ok else 1
