@@ -136,10 +136,11 @@ def test_flops_count_the_sampled_depth():
     assert deep - shallow == pytest.approx(24 * (2 * core + 4 * 4 * 4096 * 5280), rel=1e-3)
 
 
-def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path, shards, monkeypatch):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path, shards, monkeypatch, stage):
     monkeypatch.setenv("RDHPC_FAULT_NAN_STEPS", "3")
     run_dir = tmp_path / "nan"
-    done = launch(tmp_path, shards, run_dir, "train.max_steps=6", "train.max_consecutive_skips=2")
+    done = launch(tmp_path, shards, run_dir, "train.max_steps=6", "train.max_consecutive_skips=2", f"zero.stage={stage}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in all)" in done.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -147,7 +148,7 @@ def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path, shards, monk
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/skipped_steps")] == [(3, 1.0)]
-    assert all(np.isfinite(v) for step, v in losses(run_dir).items() if step != 3)
+    assert all(np.isfinite(v) for step, v in losses(run_dir).items() if step != 3)  # the weights stayed finite
 
     monkeypatch.setenv("RDHPC_FAULT_NAN_STEPS", "2,3,4")
     done = launch(tmp_path, shards, tmp_path / "nan2", "train.max_steps=6", "train.max_consecutive_skips=2")
@@ -195,3 +196,30 @@ def test_killed_during_a_save_resumes_exactly(tmp_path, shards):
     done = launch(tmp_path, shards, run_dir, "train.max_steps=8", "checkpoint.interval=1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(run_dir) == losses(reference)
+
+
+def test_cooldown_request_and_running_out_of_data(tmp_path, shards):
+    run_dir = tmp_path / "cool"
+    run_dir.mkdir()
+    (run_dir / "COOLDOWN").touch()
+    done = launch(tmp_path, shards, run_dir, "train.max_steps=5", "schedule.name=trapezoid", "schedule.warmup_steps=1",
+                  "schedule.cooldown_steps=4", "optim.lr=0.001")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lrs = [json.loads(line)["lr"] for line in open(run_dir / "metrics.jsonl")]
+    # requested before step 0: warm-up first, then the linear cool-down of 4 steps counted from step 0
+    assert lrs == pytest.approx([0.001, 0.0005, 0.00025, 0.0, 0.0])
+    assert "cool-down requested" in done.stdout
+    # a few documents only: the data runs out before max_steps and the run ends cleanly, saved
+    lines = open(shards.parent / "docs.jsonl").readlines()[:3]
+    (tmp_path / "few.jsonl").write_text("".join(lines))
+    run_shards(ShardSettings(inputs=[str(tmp_path / "few.jsonl")], tokenizer=str(shards.parent / "tok.json"), seq_len=64,
+                             out=str(tmp_path / "few"), pack="carry", val_fraction=0.0), log=lambda *a: None)
+    from rdhpc.data.loader import ShardDataset
+
+    steps = len(ShardDataset(tmp_path / "few", "train")) // 8
+    assert 1 <= steps < 50
+    small = tmp_path / "small"
+    done = launch(tmp_path, tmp_path / "few", small, "train.max_steps=50", f"data.val_dir={shards}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"the training data ran out at step {steps}" in done.stdout
+    assert (small / "checkpoints" / "latest").read_text() == f"step{steps:08d}"

@@ -80,6 +80,26 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.
     raise ValueError(f"unknown optimizer {config.name!r}")
 
 
+def skip_non_finite_steps(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make `optimizer` skip a step whose gradients hold inf or NaN, and say so in `.overflow`.
+
+    ZeRO stages 1-3 do this inside DeepSpeed; at stage 0 DeepSpeed steps the client optimizer
+    directly, after reducing the gradients, so every rank takes the same decision here. The engine
+    reads `.overflow`, counts the step as skipped and clears the gradients."""
+    base = type(optimizer)
+
+    class SkipNonFinite(base):
+        def step(self, closure=None):
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            self.overflow = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+            return None if self.overflow else super().step(closure)
+
+    SkipNonFinite.__name__ = SkipNonFinite.__qualname__ = f"SkipNonFinite{base.__name__}"
+    optimizer.__class__ = SkipNonFinite
+    optimizer.overflow = False
+    return optimizer
+
+
 class LRSchedule:
     """Linear warm-up to the peak, then constant, cosine, or trapezoid (warmup-stable-decay).
 

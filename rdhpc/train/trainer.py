@@ -29,12 +29,14 @@ from rdhpc.errors import UserError
 from rdhpc.model import DepthSampler, RecurrentDepthModel
 from rdhpc.train.deepspeed_config import build_deepspeed_config
 from rdhpc.train.metrics import flops_per_token
-from rdhpc.train.optim import LRSchedule, build_optimizer
+from rdhpc.train.optim import LRSchedule, build_optimizer, skip_non_finite_steps
 
 LATEST = "latest"
 STATE_DIR = "rdhpc"
 # Fault injection for tests and drills: "3,4" makes rank 0's loss NaN at optimizer steps 3 and 4.
 FAULT_NAN_STEPS = "RDHPC_FAULT_NAN_STEPS"
+# `touch RUN_DIR/COOLDOWN` asks a trapezoid schedule to start its cool-down at the next step.
+COOLDOWN_REQUEST = "COOLDOWN"
 
 
 class TrainingError(UserError, RuntimeError):
@@ -55,6 +57,7 @@ class Trainer:
         self.checkpoint_dir = Path(run.checkpoint.dir or self.run_dir / "checkpoints")
         self.step = 0
         self.writer = None
+        self.cooldown_start = None  # the step a "cool down now" request fixed (kept in checkpoints)
         self.skipped_steps = 0  # steps with a non-finite loss or gradient, not applied
         self.consecutive_skips = 0
         self.nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
@@ -91,6 +94,8 @@ class Trainer:
         model = RecurrentDepthModel(run.model)
         self.ds_config = build_deepspeed_config(run, self.ranks.world_size)
         optimizer = build_optimizer(model, run.optim)
+        if run.zero.stage == 0:
+            optimizer = skip_non_finite_steps(optimizer)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.sampler = DepthSampler.from_model_config(run.model, seed=run.train.seed)
@@ -135,7 +140,8 @@ class Trainer:
         if self.ranks.is_main:
             (state_dir / "trainer_state.json").write_text(json.dumps(
                 {"step": self.step, "loader": self.loader.state_dict(), "world_size": self.ranks.world_size,
-                 "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}))
+                 "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                 "cooldown_start": self.cooldown_start}))
             save_config(self.run, state_dir)
             (state_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2))
         dist.barrier()  # every rank finished writing: only now may the pointer move
@@ -169,6 +175,7 @@ class Trainer:
         self.engine.load_checkpoint(str(folder), tag=tag)
         self.step = state["step"]
         self.skipped_steps, self.consecutive_skips = state["skipped_steps"], state["consecutive_skips"]
+        self.cooldown_start = state["cooldown_start"]
         self.loader.load_state_dict(state["loader"])
         rng = torch.load(state_dir / f"rng_rank{self.ranks.rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
@@ -192,7 +199,10 @@ class Trainer:
         for step_batches in self.loader:
             if self.step >= tc.max_steps:
                 break
-            lr = self.schedule(self.step)
+            if self.cooldown_start is None and (self.run_dir / COOLDOWN_REQUEST).exists():
+                self.cooldown_start = self.step
+                self.log(f"[train] cool-down requested: the learning rate decays from step {self.step}")
+            lr = self.schedule(self.step, self.cooldown_start)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             n_no_grad, n_grad = self.sampler(self.step)
@@ -245,6 +255,10 @@ class Trainer:
                 self.validate()
             if self.step % run.checkpoint.interval == 0 or self.step == tc.max_steps:
                 self.save_checkpoint()
+        if self.step < tc.max_steps and losses and self.step % run.checkpoint.interval:
+            self.log(f"[train] the training data ran out at step {self.step} (data.on_exhausted = stop)")
+            self.validate()
+            self.save_checkpoint()
         return losses
 
     def _log_step(self, loss, lr, depth, tokens_per_s, flops_per_s_per_device):
