@@ -191,6 +191,14 @@ class Trainer:
         dist.all_reduce(t)
         return (t / self.ranks.world_size).tolist()
 
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if it is true on one: ranks may see a new file at different steps."""
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def train(self) -> list[float]:
         run, tc = self.run, self.run.train
         losses = []
@@ -199,7 +207,7 @@ class Trainer:
         for step_batches in self.loader:
             if self.step >= tc.max_steps:
                 break
-            if self.cooldown_start is None and (self.run_dir / COOLDOWN_REQUEST).exists():
+            if self.cooldown_start is None and self._any_rank((self.run_dir / COOLDOWN_REQUEST).exists()):
                 self.cooldown_start = self.step
                 self.log(f"[train] cool-down requested: the learning rate decays from step {self.step}")
             lr = self.schedule(self.step, self.cooldown_start)
