@@ -87,7 +87,7 @@ def output_fingerprint(settings: ShardSettings, sources, tokenizer: TextTokenize
     """Everything the bytes of the output depend on, and nothing else (not workers, ranks, pieces)."""
     return {
         "sources": [{"name": s.name, "weight": s.weight,
-                     "files": [[f, os.path.getsize(f)] for f in s.files]} for s in sources],
+                     "files": sorted([s.key_names[f], os.path.getsize(f)] for f in s.files)} for s in sources],
         "tokenizer_sha256": tokenizer.sha256,
         "seq_len": settings.seq_len,
         "pack": settings.pack,
@@ -166,7 +166,8 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
             value_parts.append(values)
             length_parts.append(np.diff(offsets))
     reader.join()
-    keys = document_keys(settings.seed, source.name, piece.file, np.asarray(result.records, dtype=np.uint64))
+    keys = document_keys(settings.seed, source.name, source.key_names[piece.file],
+                         np.asarray(result.records, dtype=np.uint64))
     val = is_validation(keys, settings.val_fraction)
     copies = np.where(val, 1, num_copies(keys, source.weight)).astype(np.uint16)
     lengths = np.concatenate(length_parts) if length_parts else np.empty(0, dtype=np.int64)

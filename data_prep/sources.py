@@ -50,6 +50,9 @@ class Source:
     name: str
     files: list[str]
     weight: float = 1.0
+    key_names: dict[str, str] = field(default_factory=dict)
+    """file -> the name its documents' seeded keys use: "<input index>/<path relative to that input>",
+    so the output does not depend on where the corpus lies, only on what the inputs name."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,15 @@ def file_format(path: str) -> str:
         if path.endswith(suffix):
             return suffix
     raise InputError(f"{path}: unsupported input format (supported: {', '.join(SUFFIXES)})")
+
+
+def spec_root(spec: str) -> Path:
+    """The folder that names inside `spec` are relative to: the directory itself, the fixed part of
+    a glob, or the parent of a file."""
+    if any(ch in spec for ch in "*?["):
+        fixed = spec[:min(spec.index(ch) for ch in "*?[" if ch in spec)]
+        return Path(fixed if fixed.endswith("/") else os.path.dirname(fixed) or ".")
+    return Path(spec) if Path(spec).is_dir() else Path(spec).parent
 
 
 def expand(spec: str) -> list[str]:
@@ -91,17 +103,28 @@ def expand(spec: str) -> list[str]:
     return files
 
 
+def _source_of(spec: str) -> str:
+    name, sep, _ = spec.partition("=")
+    return "main" if not sep or os.path.exists(spec) else name
+
+
 def parse_sources(inputs: list[str], weights: list[str] = ()) -> list[Source]:
     """`name=path` inputs form named sources (several paths may share a name); plain paths belong
     to the source "main". `--weight name=2.0` up-samples a source."""
     by_name: dict[str, list[str]] = {}
+    key_names: dict[str, dict[str, str]] = {}
     for spec in inputs:
         name, sep, path = spec.partition("=")
         if not sep or os.path.exists(spec):
             name, path = "main", spec
         if not name.replace("-", "").replace("_", "").isalnum():
             raise InputError(f"{spec}: source name {name!r} must be letters, digits, - or _")
-        by_name.setdefault(name, []).extend(expand(path))
+        files = expand(path)
+        by_name.setdefault(name, []).extend(files)
+        names = key_names.setdefault(name, {})
+        index, root = sum(1 for s in inputs[:inputs.index(spec)] if _source_of(s) == name), spec_root(path)
+        for f in files:
+            names.setdefault(f, f"{index}/{Path(os.path.relpath(f, root)).as_posix()}")
     parsed_weights = {}
     for spec in weights:
         name, sep, value = spec.partition("=")
@@ -115,7 +138,8 @@ def parse_sources(inputs: list[str], weights: list[str] = ()) -> list[Source]:
             raise InputError(f"--weight {spec}: {value!r} is not a number") from None
         if not parsed_weights[name] > 0:
             raise InputError(f"--weight {spec}: the weight must be > 0")
-    sources = [Source(name, sorted(set(files)), parsed_weights.get(name, 1.0)) for name, files in sorted(by_name.items())]
+    sources = [Source(name, sorted(set(files)), parsed_weights.get(name, 1.0), key_names[name])
+               for name, files in sorted(by_name.items())]
     seen = {}
     for source in sources:
         for f in source.files:

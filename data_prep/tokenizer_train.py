@@ -29,7 +29,8 @@ def sample_documents(inputs: list[str], sample_bytes: int, seed: int, text_field
     for piece in plan_pieces(sources, 64 << 20):
         result = read_piece(piece, text_field)
         stats["skipped"] = stats.get("skipped", 0) + len(result.problems)
-        keys = document_keys(seed, sources[piece.source].name, piece.file, np.asarray(result.records, dtype=np.uint64))
+        source = sources[piece.source]
+        keys = document_keys(seed, source.name, source.key_names[piece.file], np.asarray(result.records, dtype=np.uint64))
         for text, u in zip(result.texts, unit_interval(keys)):
             if u < probability:
                 taken += len(text.encode("utf-8"))

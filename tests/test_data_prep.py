@@ -397,3 +397,13 @@ def test_rank_discovery_from_each_launcher():
     assert discover_ranks({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "7"}).world_size == 1
     with pytest.raises(RuntimeError, match="RANK='x'"):
         discover_ranks({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_output_does_not_depend_on_where_the_corpus_lies(tmp_path, corpus, tokenizer_path):
+    root, _ = corpus
+    here = prep(tmp_path, root, tokenizer_path, name="here")
+    moved = tmp_path / "elsewhere" / "deeper" / "corpus"
+    shutil.copytree(root, moved)
+    there = prep(tmp_path, moved, tokenizer_path, inputs=[str(moved)], name="there")
+    assert shard_bytes(here) == shard_bytes(there)
+    assert read_manifest(here).settings == read_manifest(there).settings
