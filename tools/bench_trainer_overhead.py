@@ -1,0 +1,93 @@
+"""Trainer overhead on CPU: the same model, batches and depths through the DeepSpeed trainer's step
+and through a plain PyTorch loop, timed in one process, one after the other.
+
+    python tools/bench_trainer_overhead.py --steps 40          # about a minute on 2 cores
+
+Both paths draw the depth of step s from the same sampler and read the same rows; the trainer path
+is the engine forward / backward / step (ZeRO 1, fp32, one rank, gloo) that `rdhpc train` runs. Not
+timed here: what the trainer loop adds per step (one small all-reduce of loss and diagnostics, a
+line in metrics.jsonl, TensorBoard every log interval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29617",
+                      DS_ACCELERATOR="cpu")
+    import torch
+
+    from data_prep.shards import ShardSettings, run_shards
+    from data_prep.tokenizer_train import train_tokenizer
+    from rdhpc.config import load_config
+    from rdhpc.demo import DEMO_CONFIG, write_stdlib_corpus
+    from rdhpc.distributed import discover_ranks
+    from rdhpc.model import RecurrentDepthModel
+    from rdhpc.train.trainer import Trainer
+
+    work = Path(tempfile.mkdtemp(prefix="rdhpc-bench-trainer-"))
+    write_stdlib_corpus(work / "corpus.jsonl", 2_000_000)
+    train_tokenizer([str(work / "corpus.jsonl")], 2048, work / "tok.json", sample_bytes=2_000_000, log=lambda *a: None)
+    run_shards(ShardSettings(inputs=[str(work / "corpus.jsonl")], tokenizer=str(work / "tok.json"), seq_len=128,
+                             out=str(work / "shards"), pack="carry"), log=lambda *a: None)
+    run = load_config(DEMO_CONFIG, [f"data.train_dir={work / 'shards'}", f"logging.run_dir={work / 'run'}",
+                                    "logging.tensorboard=false", f"train.max_steps={args.steps}",
+                                    "train.val_interval=1000000", "checkpoint.interval=1000000"])
+    trainer = Trainer(run, discover_ranks(), log=lambda *a: None)
+    trainer.setup()
+    batches = [b for _, b in zip(range(args.steps), trainer.loader)]
+    depths = [trainer.sampler(s) for s in range(args.steps)]
+
+    def time_steps(step_fn) -> list[float]:
+        times = []
+        for s in range(args.steps):
+            start = time.perf_counter()
+            step_fn(s)
+            times.append(time.perf_counter() - start)
+        return times[args.warmup:]
+
+    def trainer_step(s):
+        for inputs, labels in batches[s]:
+            out = trainer.engine(inputs, num_steps=depths[s], labels=labels, return_logits=False)
+            trainer.engine.backward(out.loss)
+            trainer.engine.step()
+
+    torch.manual_seed(0)
+    model = RecurrentDepthModel(run.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=run.optim.lr, foreach=False)
+
+    def plain_step(s):
+        optimizer.zero_grad(set_to_none=True)
+        for inputs, labels in batches[s]:
+            model(inputs, num_steps=depths[s], labels=labels, return_logits=False).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), run.optim.grad_clip)
+        optimizer.step()
+
+    # interleave the two paths in rounds so machine noise hits both alike
+    trainer_times, plain_times = [], []
+    for _ in range(2):
+        trainer_times += time_steps(trainer_step)
+        plain_times += time_steps(plain_step)
+    t, p = statistics.median(trainer_times), statistics.median(plain_times)
+    print(f"median step: trainer (DeepSpeed ZeRO 1, fp32, 1 rank) {1000 * t:.1f} ms, plain PyTorch {1000 * p:.1f} ms; "
+          f"overhead {100 * (t / p - 1):+.1f}% (goal <= 10%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
