@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 
 def _size(text: str) -> int:

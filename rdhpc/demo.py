@@ -25,7 +25,8 @@ from data_prep.shards import ShardSettings, run_shards
 from data_prep.tokenizer_train import train_tokenizer
 from rdhpc.config import load_config, save_config
 from rdhpc.launch.local import launch_local
-from rdhpc.data.format import open_shard, read_manifest, verify_folder
+from rdhpc.data.format import verify_folder
+from rdhpc.data.loader import ShardDataset, inputs_and_labels
 from rdhpc.model import IGNORE_INDEX, RecurrentDepthModel, load_huginn, save_huginn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,25 +57,13 @@ def write_stdlib_corpus(path: Path, max_bytes: int) -> tuple[int, int]:
     return docs, total
 
 
-def load_split(folder: Path, split: str) -> torch.Tensor:
-    manifest = read_manifest(folder)
-    rows = [open_shard(folder, entry, manifest).all_rows() for entry in manifest.split_shards(split)]
-    return torch.from_numpy(np.concatenate(rows).astype(np.int64))
-
-
-def split_inputs_labels(rows: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs, labels = rows[:, :-1], rows[:, 1:].clone()
-    labels[labels == pad_id] = IGNORE_INDEX  # pad positions do not count in the loss
-    return inputs, labels
-
-
 @torch.no_grad()
-def loss_at_depth(model, rows: torch.Tensor, depth: int, batch_size: int, seed: int, pad_id: int) -> float:
+def loss_at_depth(model, rows: np.ndarray, depth: int, batch_size: int, seed: int, pad_id: int) -> float:
     """Mean token loss over `rows` at a fixed recurrence depth, with a seeded random initial state."""
     torch.manual_seed(seed)
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        inputs, labels = split_inputs_labels(rows[start:start + batch_size], pad_id)
+        inputs, labels = inputs_and_labels(rows[start:start + batch_size], pad_id)
         out = model(inputs, num_steps=depth, labels=labels)
         n = int((labels != IGNORE_INDEX).sum())
         total += float(out.loss) * n
@@ -110,8 +99,9 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=()) -> int
         print("[demo] FAILED: shard verification:\n  " + "\n  ".join(problems))
         return 1
     pad_id = manifest.tokenizer.pad_id
-    train_rows, val_rows = load_split(shards, "train"), load_split(shards, "val")[:64]
-    print(f"[demo] shards verified: {len(train_rows)} train rows, {len(val_rows)} validation rows used, "
+    val = ShardDataset(shards, "val")
+    val_rows = val.rows(np.arange(min(64, len(val))))
+    print(f"[demo] shards verified: {manifest.totals('train')['rows']} train rows, {len(val_rows)} validation rows used, "
           f"{mc.max_seq_len + 1} tokens each")
 
     # 2-3. The DeepSpeed trainer on 2 local ranks (gloo): depth drawn per step from the step number,
@@ -143,7 +133,7 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=()) -> int
     # 5. Export to the released Huginn layout and read it back.
     export_dir = save_huginn(model, run_dir / "huginn")
     reloaded = load_huginn(export_dir)
-    probe = val_rows[:2, :-1]
+    probe = torch.from_numpy(val_rows[:2, :-1])
     same = torch.equal(model(probe, num_steps=4, init_scale=0).logits, reloaded(probe, num_steps=4, init_scale=0).logits)
     print(f"[demo] exported {export_dir}/ (config.json + model.safetensors); reloaded logits identical: {same}")
 

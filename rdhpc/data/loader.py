@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from rdhpc.data.format import ShardError, open_shard, read_manifest
+from rdhpc.model.recurrent_depth import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # the model's ignore index (rdhpc.model.IGNORE_INDEX; not imported: keeps torch.nn out)
 _ROUNDS = 6
 
 

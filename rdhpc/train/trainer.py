@@ -20,10 +20,11 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rdhpc.config import ConfigError, RunConfig, save_config
-from rdhpc.data.loader import BatchLoader, ShardDataset
+from rdhpc.data.loader import BatchLoader, ShardDataset, inputs_and_labels
 from rdhpc.distributed import RankInfo
 from rdhpc.errors import UserError
 from rdhpc.model import DepthSampler, RecurrentDepthModel
@@ -292,10 +293,6 @@ class Trainer:
         self.engine.eval()
         rows_per_rank = tc.val_batches * tc.micro_batch_size
         total = len(self.val_dataset)
-        import numpy as np
-
-        from rdhpc.data.loader import inputs_and_labels
-
         indices = (np.arange(rows_per_rank) + self.ranks.rank * rows_per_rank) % total
         rows = self.val_dataset.rows(indices)
         results = {}
