@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def _size(text: str) -> int:
     return int(float(text))
 
