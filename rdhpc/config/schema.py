@@ -39,6 +39,9 @@ class DataConfig:
     """Batches prepared ahead of the step by a background thread."""
     on_exhausted: str = "stop"
     """What happens when the data runs out: 'stop' ends the run cleanly, 'new_epoch' reshuffles."""
+    verify_checksums: bool = False
+    """Check every shard's sha256 against the manifest before step 1 (reads every byte once; the
+    cheap checks of version, dtype, seq_len, tokenizer hash and row count always run)."""
 
     def problems(self, prefix="data"):
         return (check_choice(self, prefix, "on_exhausted", ON_DATA_EXHAUSTED)
@@ -108,13 +111,23 @@ class TrainConfig:
     val_batches: int = 16
     max_consecutive_skips: int = 5
     """Steps with a non-finite loss or gradient are skipped; this many in a row stop the run."""
-    peak_tflops_per_device: float = 989.0
-    """Dense bf16 peak used for MFU: 989 for H100/H200, 191.5 per MI250X die."""
+    peak_tflops_per_device: float | None = None
+    """Dense peak used for MFU, e.g. 989 for H100/H200 (bf16), 191.5 per MI250X die. Unset: looked up
+    from the GPU's name, or measured with a timed GEMM where the device is unknown (CPUs)."""
+    collective_timeout_s: float = 600.0
+    """A collective that waits longer fails on every rank (also bounds ZeRO's cloned groups)."""
+    heartbeat_interval_s: float = 5.0
+    """Every rank rewrites RUN_DIR/heartbeat/rank{r}.json this often; failures name silent ranks."""
+    stall_timeout_s: float = 1800.0
+    """A rank whose training loop makes no progress this long ends itself (status 3), naming the
+    ranks at fault; 0 disables. Keep it above collective_timeout_s and the longest checkpoint save."""
 
     def problems(self, prefix="train"):
         out = check_bounds(self, prefix, positive=(
             "global_batch_size", "micro_batch_size", "max_steps", "log_interval", "val_interval", "val_batches",
-            "max_consecutive_skips", "peak_tflops_per_device"))
+            "max_consecutive_skips", "collective_timeout_s", "heartbeat_interval_s"), non_negative=("stall_timeout_s",))
+        if self.peak_tflops_per_device is not None and not self.peak_tflops_per_device > 0:
+            out.append(f"{prefix}.peak_tflops_per_device: must be > 0 or unset, got {self.peak_tflops_per_device}")
         out += check_choice(self, prefix, "precision", PRECISIONS) + check_choice(self, prefix, "device", DEVICES)
         if self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
             out.append(f"{prefix}.global_batch_size: {self.global_batch_size} is not a multiple of "

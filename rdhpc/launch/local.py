@@ -3,7 +3,9 @@
 Each rank is a process with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free
 MASTER_PORT set explicitly (left unset, DeepSpeed tries its own MPI discovery and may pick the
 machine's external address). When one rank fails, the others are stopped and the launcher exits
-with that rank's status: nothing is left waiting on a dead peer, nothing reports success.
+with that rank's status: nothing is left waiting on a dead peer, nothing reports success. The others
+get `grace_s` to notice on their own first (a broken collective fails within about a second), so
+their own error, naming the rank at fault, reaches the log before they are stopped.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ def launch_local(command: list[str], nproc: int, log=print, grace_s: float = 10.
             failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode not in (None, 0)]
             if failed:
                 rank, status = failed[0]
-                log(f"[launch] rank {rank} exited with status {status}: stopping the other ranks", file=sys.stderr)
+                how = f"was killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
+                log(f"[launch] rank {rank} {how}: stopping the other ranks (they have {grace_s:g} s to "
+                    f"exit on their own)", file=sys.stderr)
+                deadline = time.monotonic() + grace_s
+                while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+                    time.sleep(0.2)
                 break
             time.sleep(0.2)
     finally:

@@ -11,7 +11,9 @@ from rdhpc.config.schema import RunConfig
 _NEVER = 2 ** 31 - 1
 
 
-def build_deepspeed_config(run: RunConfig, world_size: int) -> dict:
+def build_deepspeed_config(run: RunConfig, world_size: int, load_universal: bool = False) -> dict:
+    """`load_universal`: the run resumes from a universal checkpoint (written by another number of
+    ranks and converted with DeepSpeed's ds_to_universal)."""
     train, zero = run.train, run.zero
     per_step = train.micro_batch_size * world_size
     if train.global_batch_size % per_step:
@@ -42,6 +44,8 @@ def build_deepspeed_config(run: RunConfig, world_size: int) -> dict:
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if train.precision == "bf16":
         # float32 master weights and optimizer state are ZeRO's bf16 default; the paper also reduced
         # and accumulated gradients in float32.

@@ -29,3 +29,51 @@ def flops_per_token(c: ModelConfig, seq_len: int, n_no_grad: int, n_grad: int) -
     flops += (n_no_grad + n_grad) * (2 * core + core_attention)  # forward of every iteration
     flops += n_grad * 2 * (2 * core + core_attention)  # backward of the last k
     return float(flops)
+
+
+# Dense peak TFLOP/s per device in the training precision (bf16 tensor cores), by name as the driver
+# reports it. One MI250X package is two dies (GCDs), each its own device to PyTorch: 191.5 each.
+PEAK_TFLOPS_BY_NAME = [
+    ("MI250X", 191.5), ("MI250", 181.0), ("MI300X", 1307.4), ("MI300A", 980.6), ("MI325X", 1307.4),
+    ("GH200", 989.4), ("H200", 989.4), ("H100", 989.4), ("H800", 989.4), ("B200", 2250.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("V100", 125.0),
+]
+
+
+def measured_gemm_tflops(device, dtype, size: int = 1024, seconds: float = 0.3) -> float:
+    """Throughput of a square matrix product on `device`: the achievable peak where no datasheet
+    figure applies (CPUs), and the pre-flight's per-device check."""
+    import time
+
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(0)  # never touch the training RNG streams
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        if count % 4 == 0:
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return 2 * size ** 3 * count / elapsed / 1e12
+
+
+def peak_tflops(device, dtype, configured: float | None) -> tuple[float, str]:
+    """(peak TFLOP/s per device for MFU, where the figure comes from)."""
+    if configured is not None:
+        return configured, "train.peak_tflops_per_device"
+    if device.type == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_TFLOPS_BY_NAME:
+            if key in name.upper():
+                return value, f"datasheet peak of {name}"
+        return measured_gemm_tflops(device, dtype, size=4096), f"measured GEMM on {name} (unknown to the table)"
+    return measured_gemm_tflops(device, dtype), f"measured {str(dtype).replace('torch.', '')} GEMM on this CPU"

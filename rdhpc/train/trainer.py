@@ -6,7 +6,13 @@
 Every rank draws the same depth per optimizer step from (train.seed, step); the first n iterations
 run without gradient, the last k with it. Checkpoints are DeepSpeed checkpoints plus the loader
 position, the RNG state of every rank and the config; the `latest` pointer moves only after every
-rank finished writing, so a run killed at any moment resumes from the last complete one.
+rank finished writing, so a run killed at any moment resumes from the last complete one. A run
+resumed on another number of ranks goes through DeepSpeed's universal checkpoint.
+
+Stopping early on purpose: SIGUSR1 or SIGUSR2 to any rank (Slurm's warning signal before the time
+limit or a preemption), or the time budget RDHPC_STOP_AT (unix seconds), make every rank save a
+checkpoint at the next step boundary and return; `RUN_DIR/run_state.json` then says "stopped", and a
+requeued job continues from there.
 """
 
 from __future__ import annotations
@@ -17,7 +23,12 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +40,8 @@ from rdhpc.distributed import RankInfo
 from rdhpc.errors import UserError
 from rdhpc.model import DepthSampler, RecurrentDepthModel
 from rdhpc.train.deepspeed_config import build_deepspeed_config
-from rdhpc.train.metrics import flops_per_token
+from rdhpc.train.heartbeat import Heartbeat, diagnose
+from rdhpc.train.metrics import flops_per_token, peak_tflops
 from rdhpc.train.optim import LRSchedule, build_optimizer, skip_non_finite_steps
 
 LATEST = "latest"
@@ -38,10 +50,38 @@ STATE_DIR = "rdhpc"
 FAULT_NAN_STEPS = "RDHPC_FAULT_NAN_STEPS"
 # `touch RUN_DIR/COOLDOWN` asks a trapezoid schedule to start its cool-down at the next step.
 COOLDOWN_REQUEST = "COOLDOWN"
+# Unix time at which the run saves a checkpoint and stops (the job's end minus a margin).
+STOP_AT = "RDHPC_STOP_AT"
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+RUN_STATE = "run_state.json"
+UNIVERSAL_SUFFIX = "_universal"
+_TAG_PATTERN = "step[0-9]*"
 
 
 class TrainingError(UserError, RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); every rank raises it."""
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    """Mean loss of each step this process ran (not the steps before a resume)."""
+    step: int = 0
+    completed: bool = False
+    """True when train.max_steps was reached or the data ran out; False when stopped on request."""
+    stop_reason: str | None = None
+
+
+@dataclass
+class ResumePoint:
+    folder: Path
+    tag: str
+    state: dict
+    load_tag: str  # tag handed to DeepSpeed: `tag`, or its universal conversion
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.tag
 
 
 def _skip_deepspeed_shm_op():
@@ -62,6 +102,11 @@ class Trainer:
         self.skipped_steps = 0  # steps with a non-finite loss or gradient, not applied
         self.consecutive_skips = 0
         self.nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
+        self.stop_reason = None  # set by a signal handler or the time budget; acted on at a step boundary
+        self.stop_at = float(os.environ[STOP_AT]) if os.environ.get(STOP_AT) else None
+        self._previous_handlers = {}
+        self.heartbeat = Heartbeat(self.run_dir / "heartbeat", ranks.rank, ranks.world_size,
+                                   run.train.heartbeat_interval_s, run.train.stall_timeout_s)
 
     # ---- set-up -------------------------------------------------------------------------------
     def setup(self):
@@ -78,22 +123,31 @@ class Trainer:
         else:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             _skip_deepspeed_shm_op()
+        self.heartbeat.start()
+        self.heartbeat.progress(0, "init process group")
         self._init_distributed(backend="nccl" if use_cuda else "gloo")
         import deepspeed
 
-        self.dataset = ShardDataset(run.data.train_dir, "train", seq_len=run.model.max_seq_len)
+        self.heartbeat.progress(0, "open shards")
+        self.dataset = ShardDataset(run.data.train_dir, "train", seq_len=run.model.max_seq_len,
+                                    verify_checksums=run.data.verify_checksums)
         vocab = self.dataset.manifest.tokenizer.vocab_size
         if vocab > run.model.padded_vocab_size:
             raise ConfigError([f"model.vocab_size: the shards' tokenizer has {vocab} tokens, the model "
                                f"embeds {run.model.padded_vocab_size}"])
-        self.val_dataset = ShardDataset(run.data.val_dir or run.data.train_dir, "val", seq_len=run.model.max_seq_len)
+        self.val_dataset = ShardDataset(run.data.val_dir or run.data.train_dir, "val", seq_len=run.model.max_seq_len,
+                                        verify_checksums=run.data.verify_checksums)
         self.loader = BatchLoader(self.dataset, run.train.global_batch_size, run.train.micro_batch_size,
                                   self.ranks.rank, self.ranks.world_size, seed=run.data.shuffle_seed,
                                   on_exhausted=run.data.on_exhausted, prefetch_steps=run.data.prefetch_batches)
 
         torch.manual_seed(run.train.seed)  # the same initial weights on every rank
         model = RecurrentDepthModel(run.model)
-        self.ds_config = build_deepspeed_config(run, self.ranks.world_size)
+        self.heartbeat.progress(0, "resume point")
+        self.resume_point = self._find_resume_point()
+        self.ds_config = build_deepspeed_config(
+            run, self.ranks.world_size, load_universal=bool(self.resume_point and self.resume_point.load_tag != self.resume_point.tag))
+        self.heartbeat.progress(0, "initialize engine")
         optimizer = build_optimizer(model, run.optim)
         if run.zero.stage == 0:
             optimizer = skip_non_finite_steps(optimizer)
@@ -109,7 +163,11 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.peak_tflops, peak_source = peak_tflops(self.device, torch.bfloat16 if run.train.precision == "bf16"
+                                                    else torch.float32, run.train.peak_tflops_per_device)
+        self._install_stop_handlers()
         counts = model.parameter_counts()
+        self.log(f"[train] MFU against {self.peak_tflops:.3g} TFLOP/s per device ({peak_source})")
         self.log(f"[train] {counts['total']:,} parameters on {self.ranks.world_size} rank(s) ({self.device.type}), "
                  f"ZeRO {run.zero.stage}, {run.train.precision}, global batch {run.train.global_batch_size} x "
                  f"{run.model.max_seq_len} tokens, {self.ds_config['gradient_accumulation_steps']} micro-step(s) per step")
@@ -118,7 +176,7 @@ class Trainer:
         import deepspeed
         import torch.distributed as dist
 
-        timeout = datetime.timedelta(seconds=float(os.environ.get("RDHPC_COLLECTIVE_TIMEOUT_S", 600)))
+        timeout = datetime.timedelta(seconds=self.run.train.collective_timeout_s)
         # ZeRO clones the world group with torch's default timeout (30 min): bound that one too.
         dist.distributed_c10d.default_pg_timeout = timeout
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -127,11 +185,22 @@ class Trainer:
                           LOCAL_RANK=str(self.ranks.local_rank))
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)
 
+    def _install_stop_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread (e.g. not in a test thread)
+
+        def request_stop(signum, frame):
+            self.stop_reason = f"signal {signal.Signals(signum).name}"
+
+        for sig in STOP_SIGNALS:  # replaces e.g. submitit's own handler: the trainer saves, the job requeues
+            self._previous_handlers[sig] = signal.signal(sig, request_stop)
+
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self):
         import torch.distributed as dist
 
         tag = f"step{self.step:08d}"
+        self.heartbeat.progress(self.step, "save checkpoint")
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False)
         state_dir = self.checkpoint_dir / tag / STATE_DIR
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -151,38 +220,88 @@ class Trainer:
             tmp = pointer.with_name(LATEST + ".tmp")
             tmp.write_text(tag)
             os.replace(tmp, pointer)
-            tags = sorted(p.name for p in self.checkpoint_dir.glob("step*") if p.is_dir())
+            tags = sorted(p.name for p in self.checkpoint_dir.glob(_TAG_PATTERN)
+                          if p.is_dir() and not p.name.endswith(UNIVERSAL_SUFFIX))
             for old in tags[:-self.run.checkpoint.keep_last]:
                 shutil.rmtree(self.checkpoint_dir / old, ignore_errors=True)
+                shutil.rmtree(self.checkpoint_dir / (old + UNIVERSAL_SUFFIX), ignore_errors=True)
         dist.barrier()
         self.log(f"[train] saved checkpoint {self.checkpoint_dir / tag}")
 
-    def maybe_resume(self):
+    def _find_resume_point(self) -> ResumePoint | None:
+        """The checkpoint to resume from (checkpoint.resume), decided before the engine is built:
+        a checkpoint of another number of ranks must be converted to DeepSpeed's universal format,
+        and the engine must be told so in its config."""
         resume = self.run.checkpoint.resume
         if resume == "never":
-            return
-        folder, tag = self.checkpoint_dir, None
-        if resume not in ("auto",):
-            folder, tag = Path(resume).parent, Path(resume).name
-        elif (folder / LATEST).exists():
+            return None
+        if resume == "auto":
+            folder = self.checkpoint_dir
+            if not (folder / LATEST).exists():
+                return None
             tag = (folder / LATEST).read_text().strip()
-        if tag is None:
+        else:
+            folder, tag = Path(resume).parent, Path(resume).name
+        state_file = folder / tag / STATE_DIR / "trainer_state.json"
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError([f"checkpoint.resume: {folder / tag} is not a complete rdhpc checkpoint "
+                               f"({state_file}: {exc})"]) from None
+        point = ResumePoint(folder, tag, state, load_tag=tag)
+        if state["world_size"] != self.ranks.world_size and self.run.zero.stage > 0:
+            # ZeRO partitions optimizer state (and at stage 3 the weights) by rank: another world
+            # size needs the universal format. Stage 0 keeps whole copies and loads as it is.
+            point.load_tag = tag + UNIVERSAL_SUFFIX
+            self._convert_to_universal(point)
+        return point
+
+    def _convert_to_universal(self, point: ResumePoint):
+        target = point.folder / point.load_tag
+        done_marker = target / STATE_DIR / "converted.json"
+        if self.ranks.is_main and not done_marker.exists():
+            self.log(f"[train] {point.path} was written by {point.state['world_size']} ranks, this run has "
+                     f"{self.ranks.world_size}: converting it to a universal checkpoint in {target}")
+            shutil.rmtree(target, ignore_errors=True)
+            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                       str(point.path), "--output_folder", str(target), "--num_extract_workers", "2",
+                       "--num_merge_workers", "2"]
+            if self.run.zero.stage in (1, 2):
+                command.append("--inject_missing_state")  # stages 1 and 2 lack what the loader looks for
+            started = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                self._conversion_failed = f"{' '.join(command)} failed:\n{done.stderr[-3000:]}"
+            else:
+                done_marker.parent.mkdir(parents=True, exist_ok=True)
+                done_marker.write_text(json.dumps({"source": point.tag, "seconds": time.perf_counter() - started}))
+        failed = self._any_rank(self.ranks.is_main and getattr(self, "_conversion_failed", None) is not None)
+        if failed:
+            raise TrainingError(f"rank {self.ranks.rank}: converting {point.path} to a universal checkpoint failed"
+                                + (f": {self._conversion_failed}" if self.ranks.is_main else " on rank 0"))
+
+    def maybe_resume(self):
+        point = self.resume_point
+        if point is None:
             return
-        state_dir = folder / tag / STATE_DIR
-        state = json.loads((state_dir / "trainer_state.json").read_text())
-        if state["world_size"] != self.ranks.world_size:
-            raise ConfigError([f"checkpoint.resume: {folder / tag} was written by {state['world_size']} ranks, this run "
-                               f"has {self.ranks.world_size}; convert it to a universal checkpoint first"])
-        self.engine.load_checkpoint(str(folder), tag=tag)
+        self.heartbeat.progress(0, "load checkpoint")
+        self.engine.load_checkpoint(str(point.folder), tag=point.load_tag)
+        state = point.state
         self.step = state["step"]
         self.skipped_steps, self.consecutive_skips = state["skipped_steps"], state["consecutive_skips"]
         self.cooldown_start = state["cooldown_start"]
-        self.loader.load_state_dict(state["loader"])
-        rng = torch.load(state_dir / f"rng_rank{self.ranks.rank}.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.log(f"[train] resumed from {folder / tag} at step {self.step}")
+        self.loader.load_state_dict(state["loader"])  # consumed global batches: the order is rank-independent
+        rng_file = point.path / STATE_DIR / f"rng_rank{self.ranks.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:  # a rank the checkpoint did not have: a fresh stream, still a function of (seed, rank, step)
+            torch.manual_seed(self.run.train.seed + 1000 * self.ranks.rank + 7919 * self.step)
+        changed = "" if state["world_size"] == self.ranks.world_size else \
+            f" (written by {state['world_size']} ranks, now {self.ranks.world_size})"
+        self.log(f"[train] resumed from {point.path} at step {self.step}{changed}")
 
     # ---- training -----------------------------------------------------------------------------
     def _mean_over_ranks(self, values: list[float]) -> list[float]:
@@ -192,29 +311,48 @@ class Trainer:
         dist.all_reduce(t)
         return (t / self.ranks.world_size).tolist()
 
-    def _any_rank(self, flag: bool) -> bool:
-        """True on every rank if it is true on one: ranks may see a new file at different steps."""
+    def _any_rank(self, *flags: bool):
+        """Each flag true on every rank if it is true on one: ranks may see a new file or a signal at
+        different steps, yet they must act at the same step."""
         import torch.distributed as dist
 
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        out = [bool(v) for v in t.tolist()]
+        return out[0] if len(out) == 1 else out
 
-    def train(self) -> list[float]:
+    def _stop_requested_here(self) -> bool:
+        if self.stop_reason is None and self.stop_at is not None and time.time() >= self.stop_at:
+            self.stop_reason = f"time budget ({STOP_AT}={self.stop_at:.0f})"
+        return self.stop_reason is not None
+
+    def train(self) -> TrainResult:
         run, tc = self.run, self.run.train
-        losses = []
+        result = TrainResult(losses=[])
+        losses = result.losses
         tokens_per_step = tc.global_batch_size * run.model.max_seq_len
         window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+        last_saved = self.step if self.resume_point else None
         for step_batches in self.loader:
             if self.step >= tc.max_steps:
                 break
-            if self.cooldown_start is None and self._any_rank((self.run_dir / COOLDOWN_REQUEST).exists()):
+            self.heartbeat.progress(self.step + 1, "requests")
+            cooldown, stop = self._any_rank((self.run_dir / COOLDOWN_REQUEST).exists(), self._stop_requested_here())
+            if stop:
+                result.stop_reason = self.stop_reason or "another rank's stop request"
+                self.log(f"[train] stopping at step {self.step}: {result.stop_reason}")
+                if last_saved != self.step:
+                    self.save_checkpoint()
+                result.step = self.step
+                return result
+            if cooldown and self.cooldown_start is None:
                 self.cooldown_start = self.step
                 self.log(f"[train] cool-down requested: the learning rate decays from step {self.step}")
             lr = self.schedule(self.step, self.cooldown_start)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             n_no_grad, n_grad = self.sampler(self.step)
+            self.heartbeat.progress(self.step + 1, "forward/backward")
             micro_losses = []
             skipped_before = self.engine.skipped_steps
             for inputs, labels in step_batches:
@@ -233,6 +371,7 @@ class Trainer:
                 rel_change = ((state - previous).norm() / state.norm().clamp_min(1e-12)).item()
                 state_norm = state.norm(dim=-1).mean().item()
             self.step += 1
+            self.heartbeat.progress(self.step, "metrics all-reduce")
             loss, rel_change, state_norm = self._mean_over_ranks(
                 [sum(micro_losses) / len(micro_losses), rel_change, state_norm])
             self.state_diagnostics = {"state/rel_change": rel_change, "state/norm": state_norm}
@@ -264,15 +403,17 @@ class Trainer:
                 self.validate()
             if self.step % run.checkpoint.interval == 0 or self.step == tc.max_steps:
                 self.save_checkpoint()
-        if self.step < tc.max_steps and losses and self.step % run.checkpoint.interval:
+                last_saved = self.step
+        if self.step < tc.max_steps and losses and last_saved != self.step:
             self.log(f"[train] the training data ran out at step {self.step} (data.on_exhausted = stop)")
             self.validate()
             self.save_checkpoint()
-        return losses
+        result.step, result.completed = self.step, True
+        return result
 
     def _log_step(self, loss, lr, depth, tokens_per_s, flops_per_s_per_device):
         tflops = flops_per_s_per_device / 1e12
-        mfu = tflops / self.run.train.peak_tflops_per_device
+        mfu = tflops / self.peak_tflops
         grad_norm = self.engine.get_global_grad_norm()
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda" else 0.0
         self.log(f"[train] step {self.step:6d}  loss {loss:.4f}  r={depth:3d}  lr {lr:.2e}  "
@@ -290,6 +431,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[int, float]:
         tc = self.run.train
+        self.heartbeat.progress(self.step, "validation")
         self.engine.eval()
         rows_per_rank = tc.val_batches * tc.micro_batch_size
         total = len(self.val_dataset)
@@ -316,17 +458,51 @@ class Trainer:
             self.writer.flush()
         return results
 
+    def write_run_state(self, state: str, **details):
+        """RUN_DIR/run_state.json: how the run ended (read by `rdhpc status` and the Slurm job)."""
+        if not self.ranks.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / (RUN_STATE + ".tmp")
+        tmp.write_text(json.dumps({"state": state, "step": self.step, "time": time.time(), **details}))
+        os.replace(tmp, self.run_dir / RUN_STATE)
+
     def close(self):
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
         if self.writer is not None:
             self.writer.close()
 
 
-def train(run: RunConfig, ranks: RankInfo, log=print) -> list[float]:
-    """The whole job: set up, resume if there is a checkpoint, train, always tear down."""
+def train(run: RunConfig, ranks: RankInfo, log=print) -> TrainResult:
+    """The whole job: set up, resume if there is a checkpoint, train, always tear down.
+
+    When a rank fails (its own error or a collective broken by another rank), the error it raises
+    names the ranks at fault as their heartbeats tell: a dead or frozen rank stops beating."""
     trainer = Trainer(run, ranks, log)
     try:
         trainer.setup()
         trainer.maybe_resume()
-        return trainer.train()
+        result = trainer.train()
+    except UserError as exc:
+        trainer.heartbeat.stop(f"failed: {exc}"[:500])
+        trainer.write_run_state("failed", error=str(exc)[:2000])
+        raise
+    except Exception as exc:
+        trainer.heartbeat.stop(f"failed: {type(exc).__name__}: {exc}"[:500])
+        # Give the others one beat to record their own failure, so the silent ones stand out.
+        time.sleep(1.5 * run.train.heartbeat_interval_s)
+        report = diagnose(trainer.heartbeat.folder, ranks.world_size, run.train.heartbeat_interval_s,
+                          self_rank=ranks.rank)
+        message = (f"rank {ranks.rank} failed at step {trainer.step}: {type(exc).__name__}: "
+                   f"{str(exc).splitlines()[0] if str(exc) else ''}. {report}")
+        trainer.write_run_state("failed", error=message)
+        raise TrainingError(message) from exc
     finally:
         trainer.close()
+    trainer.heartbeat.stop("done")
+    if result.completed:
+        trainer.write_run_state("completed")
+    else:
+        trainer.write_run_state("stopped", reason=result.stop_reason)
+    return result
