@@ -70,14 +70,22 @@ class Attention(nn.Module):
         # [0] is added to q and [1] to k, before RoPE.
         self.qk_bias = nn.Parameter(torch.zeros(2, 1, config.num_heads, config.head_dim)) if config.qk_bias else None
 
-    def forward(self, x_BTC: torch.Tensor, rope_T_D2_2: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTC: torch.Tensor, rope_T_D2_2: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """`rope_T_D2_2` holds the rows of the T positions of x. Without `kv_cache` the T tokens
+        attend causally among themselves (training). With one (incremental decoding), `kv_cache(k, v)`
+        stores the new keys/values (B, T, H, D) and returns every key and value to attend to
+        (B, H, S, D) and a boolean mask (T, S) or None (see rdhpc.generate)."""
         B, T, C = x_BTC.shape
         q, k, v = self.qkv(x_BTC).view(B, T, 3, self.num_heads, self.head_dim).unbind(dim=2)
         if self.qk_bias is not None:
             q = q + self.qk_bias[0].to(q.dtype)
             k = k + self.qk_bias[1].to(k.dtype)
         q, k = apply_rope(q, rope_T_D2_2), apply_rope(k, rope_T_D2_2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        else:
+            k_all, v_all, mask = kv_cache(k, v)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -105,8 +113,8 @@ class SandwichBlock(nn.Module):
         self.attn = Attention(config)
         self.mlp = GatedMLP(config)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = self.norm_2(x + self.attn(self.norm_1(x), rope))
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        x = self.norm_2(x + self.attn(self.norm_1(x), rope, kv_cache))
         return self.norm_4(x + self.mlp(self.norm_3(x)))
 
 
@@ -121,8 +129,8 @@ class PreNormBlock(nn.Module):
         self.attn = Attention(config)
         self.mlp = GatedMLP(config)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, kv_cache)
         return x + self.mlp(self.norm_2(x))
 
 

@@ -121,15 +121,37 @@ class RecurrentDepthModel(nn.Module):
         state = _trunc_normal_(torch.empty(like.shape, device=like.device, dtype=torch.float32), self.config.init_std)
         return (state * (self.config.embedding_scale * init_scale)).to(like.dtype)
 
-    def core_iteration(self, state: torch.Tensor, embedded: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def rope(self, num_positions: int, device) -> torch.Tensor:
+        """The RoPE table of positions 0 .. num_positions - 1, float32 (float64 for a float64 model)."""
+        return rope_table(self.config.head_dim, num_positions, self.config.rope_base, device=device,
+                          dtype=at_least_float32(self.embedding.weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor, rope: torch.Tensor, kv_caches=None) -> torch.Tensor:
+        """e = P(embedding(x) * sqrt(h)). `kv_caches`: one per prelude block (incremental decoding)."""
+        x = self.embedding(input_ids) * self.config.embedding_scale
+        for i, block in enumerate(self.prelude):
+            x = block(x, rope, None if kv_caches is None else kv_caches[i])
+        return x
+
+    def core_iteration(self, state: torch.Tensor, embedded: torch.Tensor, rope: torch.Tensor,
+                       kv_caches=None) -> torch.Tensor:
         """One application of the recurrent core: s_i = R(A([s_{i-1} ; e]))."""
         if self.adapter is not None:
             x = self.adapter(torch.cat([state, embedded], dim=-1))
         else:
             x = state + embedded
-        for block in self.core:
-            x = block(x, rope)
+        for i, block in enumerate(self.core):
+            x = block(x, rope, None if kv_caches is None else kv_caches[i])
         return x
+
+    def readout(self, state: torch.Tensor, rope: torch.Tensor, kv_caches=None) -> torch.Tensor:
+        """logits = head(ln_f(C(ln_f(s)))): the coda and the tied head, (B, T, V)."""
+        x = self.final_norm(state)
+        for i, block in enumerate(self.coda):
+            x = block(x, rope, None if kv_caches is None else kv_caches[i])
+        x = self.final_norm(x)
+        head_weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head_weight)
 
     def iterate(self, state, embedded, rope, num_steps: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_r, s_{r-1}) after n_no_grad + n_grad iterations."""
@@ -154,22 +176,11 @@ class RecurrentDepthModel(nn.Module):
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len = {self.config.max_seq_len}")
         steps = self.resolve_num_steps(num_steps)
-        rope = rope_table(self.config.head_dim, T, self.config.rope_base, device=input_ids.device,
-                          dtype=at_least_float32(self.embedding.weight.dtype))
-
-        x = self.embedding(input_ids) * self.config.embedding_scale
-        for block in self.prelude:
-            x = block(x, rope)
-        embedded = x
+        rope = self.rope(T, input_ids.device)
+        embedded = self.embed(input_ids, rope)
         state = input_states if input_states is not None else self.initial_state(embedded, init_scale)
         state, previous = self.iterate(state, embedded, rope, steps)
-
-        x = self.final_norm(state)
-        for block in self.coda:
-            x = block(x, rope)
-        x = self.final_norm(x)
-        head_weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head_weight)  # (B, T, V)
+        logits = self.readout(state, rope)  # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
