@@ -13,8 +13,6 @@ import sys
 
 # Subcommands that belong to the pipeline but are not built yet: (name, what it will do, issue).
 PLANNED = [
-    ("submit", "submit training or a prep stage to Slurm through submitit", 4),
-    ("status", "state, last step and loss of a submitted job", 4),
     ("eval", "validation loss against recurrence depth", 5),
     ("generate", "adaptive-depth generation with a KV cache", 5),
     ("export", "ZeRO checkpoint -> safetensors / the released Huginn layout", 5),
@@ -108,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep.cli import add_prep_parser
 
     add_prep_parser(sub)
+
+    from rdhpc.launch.slurm import add_submit_parser
+
+    add_submit_parser(sub)  # submit, status
 
     for name, what, issue in PLANNED:
         p = sub.add_parser(name, help=f"(not built yet: issue {issue}) {what}")

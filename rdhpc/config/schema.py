@@ -191,18 +191,89 @@ class LoggingConfig:
 @dataclass
 class SlurmConfig:
     cluster: str = "local"
-    """Preset in slurm/clusters/<name>.yaml (frontier, nvidia, local) or a path to your own."""
+    """Preset in slurm/clusters/<name>.yaml (frontier, nvidia, local), a user preset of that name
+    in $RDHPC_CLUSTERS_DIR or ~/.config/rdhpc/clusters, or a path to a preset file."""
+def slurm_time_seconds(text: str) -> int:
+    """Slurm's time formats -> seconds: "MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS"."""
+    text = str(text).strip()
+    days = 0
+    if "-" in text:
+        day_part, text = text.split("-", 1)
+        days = int(day_part)
+        parts = [int(x) for x in text.split(":")]
+        if not 1 <= len(parts) <= 3:
+            raise ValueError(text)
+        parts += [0] * (3 - len(parts))
+        hours, minutes, seconds = parts
+    else:
+        parts = [int(x) for x in text.split(":")]
+        if len(parts) == 1:
+            hours, minutes, seconds = 0, parts[0], 0
+        elif len(parts) == 2:
+            hours, (minutes, seconds) = 0, parts
+        elif len(parts) == 3:
+            hours, minutes, seconds = parts
+        else:
+            raise ValueError(text)
+    if min(days, hours, minutes, seconds) < 0:
+        raise ValueError(text)
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
     nodes: int = 1
     time: str = "12:00:00"
-    """Time limit per job segment; the run checkpoints before it and is requeued."""
+    """`rdhpc submit`: the job's shape and set-up. A cluster preset (slurm/clusters/NAME.yaml) gives
+    the defaults of every key left None here; the command line's --nodes, --time... override both."""
+
+    """Time limit per job segment; the run checkpoints stop_margin_s before it and is requeued."""
     account: str | None = None
     partition: str | None = None
+    tasks_per_node: int | None = None
+    """Ranks per node (None: the preset's, e.g. 8 on Frontier = one per MI250X die)."""
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
     job_name: str = "rdhpc"
     max_segments: int = 32
-    """Requeue at most this many times (the paper's run took 21 segments of up to 12 h)."""
+    """Run at most this many segments (the first plus requeues; the paper's run took 21 of up to 12 h)."""
+    stop_margin_s: int | None = None
+    """Checkpoint and stop this many seconds before the time limit (None: the preset's; the paper: 300)."""
+    env: list[str] = field(default_factory=list)
+    """Extra environment of the job, NAME=VALUE each (a ${NAME} in VALUE is expanded in the job)."""
+    staging: bool | None = None
+    """Node-local staging of the environment (the preset's staging section; None: the preset's default)."""
+    python: str | None = None
+    """Python of the ranks (None: the preset's, else the one running `rdhpc submit`)."""
+    folder: str | None = None
+    """Where submitit keeps scripts, pickles and per-task logs (None: <logging.run_dir>/slurm)."""
 
+    qos: str | None = None
+    exclude: str | None = None
+    """Nodes to leave out (Slurm host list), e.g. one the pre-flight named as slow."""
     def problems(self, prefix="slurm"):
-        return check_bounds(self, prefix, positive=("nodes", "max_segments"))
+        import re
+
+        out = check_bounds(self, prefix, positive=("nodes", "max_segments"))
+        for name in ("tasks_per_node", "cpus_per_task", "stop_margin_s"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                out.append(f"{prefix}.{name}: must be >= 1, got {value}")
+        if self.gpus_per_node is not None and self.gpus_per_node < 0:
+            out.append(f"{prefix}.gpus_per_node: must be >= 0, got {self.gpus_per_node}")
+        try:
+            if slurm_time_seconds(self.time) <= 0:
+                out.append(f"{prefix}.time: must be positive, got {self.time!r}")
+        except ValueError:
+            out.append(f"{prefix}.time: {self.time!r} is not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH:MM:SS)")
+        if not re.fullmatch(r"[A-Za-z0-9._+-]{1,128}", self.job_name):
+            out.append(f"{prefix}.job_name: {self.job_name!r} cannot be a job name: use letters, digits and "
+                       f". _ + - (at most 128)")
+        for i, item in enumerate(self.env):
+            name, sep, _ = item.partition("=")
+            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                out.append(f"{prefix}.env[{i}]: {item!r} is not NAME=VALUE with NAME a valid variable name")
+            elif "\0" in item:
+                out.append(f"{prefix}.env[{i}]: {name} contains a NUL byte")
+        return out
 
 
 @dataclass

@@ -54,3 +54,141 @@ def discover_ranks(environ=None, use_mpi: bool = True) -> RankInfo:
         local_world = _int_env("SLURM_STEP_TASKS_PER_NODE", env) if "SLURM_STEP_TASKS_PER_NODE" in env else world
         return RankInfo(_int_env("SLURM_PROCID", env), world, _int_env("SLURM_LOCALID", env), local_world, "slurm")
     return RankInfo(0, 1, 0, 1, "single")
+
+
+# ---- the rendezvous: master address and port --------------------------------------------------
+# Variables a launcher or an earlier process may leave behind. A batch job inherits the submitter's
+# environment (sbatch exports it), so a RANK or MASTER_ADDR left by a test or a torchrun shell
+# would otherwise be taken for this job's own; the Slurm launcher clears them before the ranks start.
+STALE_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                        "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                        "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "PMI_RANK", "PMI_SIZE",
+                        "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                        "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
+# Ports derived from the job id stay below Linux's ephemeral range (32768-60999), so a port that a
+# client connection picked at random on the master node cannot collide with the rendezvous.
+PORT_BASE, PORT_SPAN = 15000, 15000
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """Slurm's compressed host list -> names, in order: 'fr[00001-00003,00007],login1' ->
+    ['fr00001', 'fr00002', 'fr00003', 'fr00007', 'login1'] (zero padding kept; ranges nest once
+    per bracket, as Slurm writes them: 'n[1-2]-ib[3-4]' is expanded as a product)."""
+    names: list[str] = []
+    for item in _split_top_level(text.strip()):
+        names += _expand_item(item)
+    return names
+
+
+def _split_top_level(text: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    if depth != 0:
+        raise ValueError(f"unbalanced brackets in host list {text!r}")
+    return [item for item in items if item]
+
+
+def _expand_item(item: str) -> list[str]:
+    open_at = item.find("[")
+    if open_at < 0:
+        return [item]
+    close_at = item.index("]", open_at)
+    prefix, ranges, rest = item[:open_at], item[open_at + 1:close_at], item[close_at + 1:]
+    heads = []
+    for part in ranges.split(","):
+        low, _, high = part.partition("-")
+        if not high:
+            heads.append(prefix + low)
+            continue
+        width = len(low)
+        heads += [prefix + str(n).zfill(width) for n in range(int(low), int(high) + 1)]
+    tails = _expand_item(rest) if rest else [""]
+    return [h + t for h in heads for t in tails]
+
+
+def slurm_master(environ=None) -> tuple[str, int] | None:
+    """Inside a Slurm job: the first node of the step (or of the job) and a port derived from the
+    job id, the same on every rank without any message. None outside Slurm."""
+    env = os.environ if environ is None else environ
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    job_id = env.get("SLURM_JOB_ID")
+    if not nodelist or not job_id:
+        return None
+    try:
+        first = expand_hostlist(nodelist)[0]
+    except (ValueError, IndexError):
+        import subprocess  # a form this parser does not know: ask Slurm's own (local, no RPC)
+
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True)
+        first = out.stdout.split()[0]
+    return first, PORT_BASE + int(job_id.split("_")[0]) % PORT_SPAN
+
+
+def master_address(ranks: RankInfo, environ=None) -> tuple[str, int, str]:
+    """(address, port, where it came from) of the rendezvous of `ranks`.
+
+    - MASTER_ADDR and MASTER_PORT already set (torchrun, or the user): kept;
+    - a Slurm job: the first node of the allocation, port from the job id;
+    - MPI without Slurm: rank 0's host name and a free port of rank 0, broadcast;
+    - one node (or one process): 127.0.0.1 and a free port (for one process) - never the
+      machine's external address, which DeepSpeed's own discovery would pick.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+        return env["MASTER_ADDR"], int(env["MASTER_PORT"]), "environment"
+    if ranks.world_size > 1 and ranks.launcher in ("slurm", "mpi"):
+        found = slurm_master(env)
+        if found is not None:
+            return found[0], found[1], "slurm"
+    if ranks.launcher == "mpi" and ranks.local_world_size < ranks.world_size:
+        import socket
+
+        from mpi4py import MPI
+
+        if ranks.rank == 0:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("", 0))
+                mine = (socket.gethostname(), s.getsockname()[1])
+        else:
+            mine = None
+        host, port = MPI.COMM_WORLD.bcast(mine, root=0)
+        return host, port, "mpi"
+    if ranks.world_size > 1 and ranks.launcher == "mpi":
+        from mpi4py import MPI
+
+        port = MPI.COMM_WORLD.bcast(_free_local_port() if ranks.rank == 0 else None, root=0)
+        return "127.0.0.1", port, "mpi (one node)"
+    return "127.0.0.1", _free_local_port() if ranks.world_size == 1 else 29500, "local"
+
+
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_process_group_env(ranks: RankInfo, environ=None) -> dict[str, str]:
+    """Set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT for
+    torch.distributed / DeepSpeed (which otherwise run their own discovery); return what was set."""
+    env = os.environ if environ is None else environ
+    address, port, _ = master_address(ranks, env)
+    values = {"RANK": str(ranks.rank), "WORLD_SIZE": str(ranks.world_size), "LOCAL_RANK": str(ranks.local_rank),
+              "LOCAL_WORLD_SIZE": str(ranks.local_world_size), "MASTER_ADDR": address, "MASTER_PORT": str(port)}
+    env.update(values)
+    return values
+
+
+def backend_for(device) -> str:
+    """nccl on GPUs (ROCm's RCCL answers to the name nccl), gloo on the CPU."""
+    return "nccl" if getattr(device, "type", str(device)) == "cuda" else "gloo"

@@ -1,0 +1,155 @@
+"""Pre-flight on every start: each rank's device, a timed all-reduce at a few sizes (bandwidth per
+size) and a timed GEMM per device; a rank far below the median is named in the log.
+
+    from rdhpc.distributed.preflight import run_preflight
+    report = run_preflight(device, ranks, log)      # after the process group exists, on every rank
+
+At scale one slow or misconfigured GPU (thermal throttling, a wrong NUMA binding, a die running at
+half clock) drags the whole synchronous job down to its speed, and a broken interconnect shows as an
+all-reduce far below the expected bus bandwidth. Both are cheap to measure before the first step
+(about a second on GPUs) and expensive to discover after a day. The report names the host and
+device of each slow rank, so the node can be excluded (`--exclude` / `slurm.exclude`) at the next
+segment.
+
+Bandwidth follows nccl-tests' convention: algorithm bandwidth = bytes / time; bus bandwidth =
+algbw * 2 (n - 1) / n for an all-reduce, comparable with the link speed whatever the rank count.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+
+import torch
+
+# Message sizes of the all-reduce test, in bytes: latency-bound, mid, bandwidth-bound. The largest
+# on GPUs is the paper's 64 MB reduction chunk; on the CPU (gloo, tests) smaller sizes keep it short.
+GPU_SIZES = (256 << 10, 8 << 20, 64 << 20)
+CPU_SIZES = (64 << 10, 1 << 20, 4 << 20)
+SLOW_FRACTION = 0.5
+"""A rank whose GEMM throughput is below this fraction of the median is named as slow."""
+# Drills and tests: "RANK:FACTOR" makes that rank's GEMM do FACTOR times the work it counts, as a
+# device running at 1/FACTOR of its speed would.
+FAULT_SLOW_RANK = "RDHPC_FAULT_SLOW_RANK"
+
+
+def _synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_allreduce(num_bytes: int, device: torch.device, repeats: int) -> float:
+    import torch.distributed as dist
+
+    buf = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+    dist.all_reduce(buf)  # warm-up: the first call sets up connections
+    _synchronize(device)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dist.all_reduce(buf)
+    _synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def _timed_gemm(device: torch.device, n: int, dtype: torch.dtype, repeats: int, slowdown: int = 1) -> float:
+    """TFLOP/s of an n x n x n matrix product on this rank's device."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm-up (kernel selection, clocks)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats * slowdown):
+        torch.matmul(a, b)
+    _synchronize(device)
+    seconds = (time.perf_counter() - start) / repeats
+    return 2 * n ** 3 / seconds / 1e12
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def run_preflight(device, ranks, log=print, sizes=None, repeats: int | None = None, gemm_n: int | None = None,
+                  slow_fraction: float = SLOW_FRACTION) -> dict:
+    """Run on every rank of an initialised process group; every rank returns the same report:
+
+    {"ranks": [{"rank", "host", "device", "gemm_tflops"}, ...],
+     "allreduce": [{"bytes", "seconds", "algbw_gbps", "busbw_gbps"}, ...],
+     "gemm": {"n", "dtype", "median_tflops"}, "slow_ranks": [rank, ...], "seconds": total}
+
+    `log` is called on rank 0 only. The GEMM uses bf16 at n=8192 on GPUs and float32 at n=256 on
+    the CPU (CPU ranks share cores, so their figures only show gross outliers)."""
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    started = time.perf_counter()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    on_gpu = device.type == "cuda"
+    sizes = tuple(sizes or (GPU_SIZES if on_gpu else CPU_SIZES))
+    repeats = repeats or (10 if on_gpu else 3)
+    n = gemm_n or (8192 if on_gpu else 256)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+
+    allreduce = []
+    if world > 1:
+        for num_bytes in sizes:
+            seconds = _timed_allreduce(num_bytes, device, repeats)
+            # every rank times the same collective; the slowest rank's time is the collective's
+            t = torch.tensor([seconds], dtype=torch.float64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            seconds = t.item()
+            algbw = num_bytes / seconds / 1e9
+            allreduce.append({"bytes": num_bytes, "seconds": seconds, "algbw_gbps": algbw,
+                              "busbw_gbps": algbw * 2 * (world - 1) / world})
+    fault = os.environ.get(FAULT_SLOW_RANK, "")
+    slowdown = int(fault.split(":")[1]) if fault and int(fault.split(":")[0]) == ranks.rank else 1
+    tflops = _timed_gemm(device, n, dtype, repeats, slowdown)
+
+    # Gather (GEMM rate, host, device) of every rank. Tensors only, so nccl works as well as gloo.
+    mine = torch.tensor([tflops], dtype=torch.float64, device=device)
+    name = f"{socket.gethostname()}|{_device_name(device)}|{device}".encode()[:255]
+    name_t = torch.zeros(256, dtype=torch.uint8, device=device)
+    name_t[:len(name)] = torch.tensor(list(name), dtype=torch.uint8)
+    if world > 1:
+        rates = [torch.zeros_like(mine) for _ in range(world)]
+        names = [torch.zeros_like(name_t) for _ in range(world)]
+        dist.all_gather(rates, mine)
+        dist.all_gather(names, name_t)
+    else:
+        rates, names = [mine], [name_t]
+    per_rank = []
+    for rank, (rate, raw) in enumerate(zip(rates, names)):
+        host, dev_name, dev = bytes(raw.cpu().tolist()).rstrip(b"\0").decode(errors="replace").split("|")
+        per_rank.append({"rank": rank, "host": host, "device": f"{dev} {dev_name}", "gemm_tflops": rate.item()})
+    median = statistics.median(r["gemm_tflops"] for r in per_rank)
+    slow = [r["rank"] for r in per_rank if r["gemm_tflops"] < slow_fraction * median]
+    report = {"ranks": per_rank, "allreduce": allreduce,
+              "gemm": {"n": n, "dtype": str(dtype).replace("torch.", ""), "median_tflops": median},
+              "slow_ranks": slow, "seconds": time.perf_counter() - started}
+
+    if ranks.rank == 0:
+        if os.environ.get("RDHPC_PREFLIGHT_VERBOSE", "1") != "0" or slow:
+            for r in per_rank:
+                log(f"[preflight] rank {r['rank']}: {r['host']} {r['device']}  GEMM {r['gemm_tflops']:.3f} TFLOP/s")
+        for a in allreduce:
+            log(f"[preflight] all-reduce {_size(a['bytes'])}: {a['seconds'] * 1e3:.2f} ms, "
+                f"algbw {a['algbw_gbps']:.2f} GB/s, busbw {a['busbw_gbps']:.2f} GB/s ({world} ranks)")
+        log(f"[preflight] GEMM {n}x{n} {report['gemm']['dtype']}: median {median:.3f} TFLOP/s per device")
+        for rank in slow:
+            r = per_rank[rank]
+            log(f"[preflight] SLOW: rank {rank} ({r['host']}, {r['device']}) runs GEMM at {r['gemm_tflops']:.3f} "
+                f"TFLOP/s, {r['gemm_tflops'] / median:.2f}x the median: check or exclude that node")
+        log(f"[preflight] done in {report['seconds']:.2f} s")
+    return report
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:g} {unit}"
+    return f"{num_bytes} B"

@@ -1,0 +1,212 @@
+"""Cluster presets: how a job is laid out and set up on one cluster, as YAML in slurm/clusters/.
+
+    --cluster frontier              -> slurm/clusters/frontier.yaml of this repository
+    --cluster mysite                -> $RDHPC_CLUSTERS_DIR/mysite.yaml, ~/.config/rdhpc/clusters/mysite.yaml,
+                                       or slurm/clusters/mysite.yaml (first found)
+    --cluster path/to/mysite.yaml   -> that file
+
+A user adds a cluster by writing one of these files; no code changes. Every key is checked when
+the preset loads, and every value that ends up in a generated script is checked by
+rdhpc.launch.quoting (names of modules and variables, sbatch option values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rdhpc.errors import UserError
+from rdhpc.launch.quoting import check_env_name, check_sbatch_value, check_shell_word
+
+REPO_CLUSTERS = Path(__file__).resolve().parents[2] / "slurm" / "clusters"
+GPU_VENDORS = ("amd", "nvidia", "none")
+
+
+class PresetError(UserError):
+    pass
+
+
+@dataclass
+class StagingPreset:
+    """Node-local staging: the environment archive is broadcast with sbcast to every node and
+    unpacked there before the ranks start (the paper's launch on Frontier)."""
+
+    enabled: bool = False
+    archive: str | None = None
+    """A tar (optionally compressed) of the environment and code, on a shared filesystem."""
+    dest: str = "/tmp/${USER}"
+    """Node-local folder it is unpacked into; ${NAME} is expanded in the job."""
+    python: str = "venv/bin/python"
+    """The Python inside `dest` after unpacking."""
+    sbatch: dict = field(default_factory=dict)
+    """Extra sbatch options staging needs (e.g. Frontier's constraint: nvme)."""
+
+
+@dataclass
+class ClusterPreset:
+    name: str
+    path: str
+    description: str = ""
+    gpu_vendor: str = "none"
+    """amd (ROCm/RCCL), nvidia (CUDA/NCCL) or none (CPU ranks, gloo)."""
+    account_required: bool = False
+    account: str | None = None
+    partition: str | None = None
+    qos: str | None = None
+    tasks_per_node: int = 1
+    """Ranks per node: one per GPU, or CPU ranks."""
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    modules: list = field(default_factory=list)
+    """`module load` each, in order, before anything else in the job."""
+    setup: list = field(default_factory=list)
+    """Shell lines of the preset's author run after the modules (e.g. activating an environment)."""
+    env: dict = field(default_factory=dict)
+    """Exported in the job; a ${NAME} in a value is expanded there, everything else is literal."""
+    python: str | None = None
+    """The Python that runs the ranks; None: the one running `rdhpc submit` (shared filesystem)."""
+    sbatch: dict = field(default_factory=dict)
+    """Extra sbatch options, e.g. {constraint: nvme, exclusive: true}."""
+    srun_args: list = field(default_factory=list)
+    reduce_bucket_mb: int | None = None
+    """Fixed-size gradient reduction (the paper's RCCL workaround): DeepSpeed's reduce and
+    allgather bucket sizes in MB of float32; None leaves the run config's."""
+    stop_margin_s: int = 300
+    """The run checkpoints and stops this long before the time limit; Slurm's USR2 is asked for then too."""
+    staging: StagingPreset = field(default_factory=StagingPreset)
+
+    @property
+    def backend(self) -> str:
+        """torch.distributed backend: nccl on GPUs (ROCm's RCCL answers to nccl), gloo on the CPU."""
+        return "gloo" if self.gpu_vendor == "none" else "nccl"
+
+    def config_overrides(self) -> list[str]:
+        """`--set` overrides of the run config this preset implies, applied before the user's."""
+        if not self.reduce_bucket_mb:
+            return []
+        elements = self.reduce_bucket_mb * (1 << 20) // 4  # float32 elements
+        return [f"zero.reduce_bucket_size={elements}", f"zero.allgather_bucket_size={elements}",
+                "zero.overlap_comm=false"]
+
+
+def cluster_search_path() -> list[Path]:
+    dirs = []
+    if os.environ.get("RDHPC_CLUSTERS_DIR"):
+        dirs.append(Path(os.environ["RDHPC_CLUSTERS_DIR"]))
+    dirs += [Path.home() / ".config" / "rdhpc" / "clusters", REPO_CLUSTERS]
+    return dirs
+
+
+def available_presets() -> list[str]:
+    names = set()
+    for d in cluster_search_path():
+        names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def find_preset(name: str) -> Path:
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        path = Path(name)
+        if not path.is_file():
+            raise PresetError(f"slurm.cluster: preset file {path} does not exist")
+        return path
+    for d in cluster_search_path():
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    names = available_presets()
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise PresetError(f"slurm.cluster: no preset {name!r}{hint}; known: {', '.join(names)} "
+                      f"(searched {', '.join(str(d) for d in cluster_search_path())})")
+
+
+def load_preset(name: str) -> ClusterPreset:
+    """Read and check a preset; every problem is reported at once, naming the file and key."""
+    path = find_preset(name)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PresetError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PresetError(f"{path}: the top level must be a mapping of keys")
+    problems: list[str] = []
+    known = {f.name for f in dataclasses.fields(ClusterPreset)} - {"name", "path"}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            problems.append(f"{key}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    values = {k: v for k, v in raw.items() if k in known}
+    staging_raw = values.pop("staging", None) or {}
+    staging_known = {f.name for f in dataclasses.fields(StagingPreset)}
+    if not isinstance(staging_raw, dict):
+        problems.append("staging: must be a mapping")
+        staging_raw = {}
+    for key in staging_raw:
+        if key not in staging_known:
+            problems.append(f"staging.{key}: unknown key")
+    staging = StagingPreset(**{k: v for k, v in staging_raw.items() if k in staging_known})
+    preset = ClusterPreset(name=path.stem, path=str(path), staging=staging, **values)
+    problems += _problems(preset)
+    if problems:
+        raise PresetError(f"{len(problems)} problem(s) in cluster preset {path}:\n"
+                          + "\n".join(f"  - {p}" for p in problems))
+    preset.env = {str(k): str(v) for k, v in preset.env.items()}
+    return preset
+
+
+def _problems(p: ClusterPreset) -> list[str]:
+    out = []
+
+    def typed(name, value, types, what):
+        types = types if isinstance(types, tuple) else (types,)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            out.append(f"{name}: expected {what}, got {type(value).__name__} {value!r}")
+            return False
+        return True
+
+    if p.gpu_vendor not in GPU_VENDORS:
+        out.append(f"gpu_vendor: unknown value {p.gpu_vendor!r}; choose one of {list(GPU_VENDORS)}")
+    for name in ("tasks_per_node", "cpus_per_task", "stop_margin_s"):
+        if typed(name, getattr(p, name), int, "an integer") and getattr(p, name) < 1:
+            out.append(f"{name}: must be >= 1, got {getattr(p, name)}")
+    if typed("gpus_per_node", p.gpus_per_node, int, "an integer") and p.gpus_per_node < 0:
+        out.append(f"gpus_per_node: must be >= 0, got {p.gpus_per_node}")
+    if p.gpu_vendor == "none" and isinstance(p.gpus_per_node, int) and p.gpus_per_node:
+        out.append("gpus_per_node: a preset with gpu_vendor none cannot ask for GPUs")
+    if p.reduce_bucket_mb is not None and typed("reduce_bucket_mb", p.reduce_bucket_mb, int, "an integer (MB)") \
+            and p.reduce_bucket_mb < 1:
+        out.append(f"reduce_bucket_mb: must be >= 1, got {p.reduce_bucket_mb}")
+    typed("account_required", p.account_required, bool, "true or false")
+    for name in ("account", "partition", "qos"):
+        value = getattr(p, name)
+        if value is not None:
+            out += [f"{name}: {m}" for m in check_sbatch_value(value)]
+    if typed("modules", p.modules, list, "a list of module names"):
+        for i, module in enumerate(p.modules):
+            out += [f"modules[{i}]: {m}" for m in check_shell_word(str(module), "a module name")]
+    if typed("setup", p.setup, list, "a list of shell lines"):
+        out += [f"setup[{i}]: must be a string" for i, line in enumerate(p.setup) if not isinstance(line, str)]
+    if typed("env", p.env, dict, "a mapping NAME: value"):
+        for key, value in p.env.items():
+            out += [f"env.{key}: {m}" for m in check_env_name(str(key))]
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                out.append(f"env.{key}: expected a string, got {type(value).__name__} {value!r} (quote it in YAML)")
+            elif "\0" in str(value):
+                out.append(f"env.{key}: contains a NUL byte")
+    if typed("sbatch", p.sbatch, dict, "a mapping of sbatch options"):
+        for key, value in {**p.sbatch, **(p.staging.sbatch or {})}.items():
+            out += [f"sbatch.{key}: {m}" for m in check_shell_word(str(key), "an option name")]
+            if value is not True:
+                out += [f"sbatch.{key}: {m}" for m in check_sbatch_value(str(value))]
+    if typed("srun_args", p.srun_args, list, "a list of arguments"):
+        out += [f"srun_args[{i}]: must be a string" for i, a in enumerate(p.srun_args) if not isinstance(a, str)]
+    if p.python is not None:
+        typed("python", p.python, str, "a command")
+    if p.staging.enabled and not p.staging.archive:
+        out.append("staging.archive: staging is enabled but no archive is named")
+    return out

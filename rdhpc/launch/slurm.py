@@ -1,0 +1,645 @@
+"""`rdhpc submit` / `rdhpc status`: training (or a prep stage) as a Slurm job through submitit.
+
+    rdhpc submit configs/huginn-3.5b-frontier.yaml --cluster frontier --nodes 512 --account ABC123
+    rdhpc submit configs/debug.yaml --cluster local --set data.train_dir=shards/ --wait    # here
+    rdhpc submit --cluster local --tasks-per-node 2 --prep shards --input docs/ --tokenizer tok.json ...
+    rdhpc submit ... --dry-run          # the exact sbatch script and environment, nothing submitted
+    rdhpc status 1234                   # state, segments, last step and loss, logs, the failing rank's error
+
+One code path for every cluster: a preset (slurm/clusters/*.yaml, rdhpc.launch.presets) fixes the
+layout (tasks, GPUs, cores per node), the modules and the environment; submitit writes the sbatch
+script (the dry run prints the very text it would submit) and starts one Python process per task
+with `srun`; each process finds its rank from Slurm's variables and the rendezvous from the first
+node of the allocation (rdhpc.distributed.ranks), never from an address it happens to see.
+
+Segments, preemption and time limits (the paper ran 21 segments of up to 12 h):
+
+- The batch script exports RDHPC_STOP_AT = job start + time limit - stop margin, and asks Slurm for
+  SIGUSR2 `stop_margin_s` before the limit (`--signal=USR2@margin`, what submitit does). Whichever
+  comes first, the trainer's own handler (it replaces submitit's once set-up runs) makes every rank
+  save a checkpoint at the next step boundary, and train() returns `completed=False`.
+- The task then requeues its own job (`scontrol requeue`, rank 0 only) and waits to be stopped; it
+  writes no result, so submitit's `job.result()` keeps waiting across segments. The requeued job
+  keeps its id, reruns the same pickled task, and the trainer resumes from the latest complete
+  checkpoint (checkpoint.resume = auto). SLURM_RESTART_COUNT bounds the chain (slurm.max_segments).
+- A signal during start-up, before the trainer took over, reaches submitit's handler, which calls
+  the task's `checkpoint()` and requeues: nothing was trained since the last checkpoint, so an
+  immediate requeue loses nothing. A preemption that kills without warning, or `scontrol requeue`
+  from outside, loses only the steps after the last periodic checkpoint.
+- srun runs with --kill-on-bad-exit: one failing rank ends the job (FAILED, its error in its
+  result and log) instead of leaving its peers waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rdhpc.errors import UserError
+from rdhpc.launch.presets import ClusterPreset, load_preset
+from rdhpc.launch.quoting import (check_env_value, check_job_name, check_sbatch_path, check_sbatch_value,
+                                  export_line, quote_env_value, shell_quote)
+
+# Slurm job states after which nothing more happens to the job.
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                   "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED")
+JOB_RECORD = "rdhpc_job.json"
+RUN_JOBS = "slurm_jobs.jsonl"
+CONFIG_SNAPSHOT = "rdhpc_config.yaml"
+PREP_STAGES = ("shards", "tokenizer", "verify")
+
+
+class SubmitError(UserError):
+    pass
+
+
+# ---- the plan: everything a submission needs, from preset + config + command line ---------------
+@dataclass
+class JobPlan:
+    kind: str  # "train" or "prep"
+    preset: ClusterPreset
+    job_name: str
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    cpus_per_task: int
+    time_s: int
+    stop_margin_s: int
+    max_segments: int
+    folder: Path
+    python: str  # a shell word (quoted already)
+    account: str | None = None
+    partition: str | None = None
+    qos: str | None = None
+    exclude: str | None = None
+    env: dict = field(default_factory=dict)  # NAME -> value (${NAME} expanded in the job)
+    staging: bool = False
+    run_dir: Path | None = None
+    config_overrides: list = field(default_factory=list)  # the preset's, applied before the user's
+    command: list = field(default_factory=list)  # prep: rdhpc arguments
+    config_path: Path | None = None  # train: the resolved config snapshot the job loads
+
+    @property
+    def num_tasks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def time_minutes(self) -> int:
+        return max(1, math.ceil(self.time_s / 60))
+
+    @property
+    def tensorboard_dir(self) -> Path | None:
+        return self.run_dir / "tensorboard" if self.run_dir else None
+
+
+def plan_job(preset_name: str, slurm, kind: str, run_dir: Path | None, folder: Path | None,
+             command: list[str] | None = None, user_overrides: list[str] = ()) -> JobPlan:
+    """Combine the preset with the config's slurm section (whose values, when set, win) and check
+    every value that will reach the script. Raises SubmitError / QuotingError naming the key."""
+    from rdhpc.config.schema import slurm_time_seconds
+
+    preset = load_preset(preset_name)
+    problems: list[str] = []
+    account = slurm.account or preset.account
+    if preset.account_required and not account:
+        problems.append(f"slurm.account: the {preset.name} preset needs an account (--account PROJECT or "
+                        f"--set slurm.account=PROJECT)")
+    for key, value in (("account", account), ("partition", slurm.partition or preset.partition),
+                       ("qos", slurm.qos or preset.qos), ("exclude", slurm.exclude)):
+        if value is not None:
+            problems += [f"slurm.{key}: {m}" for m in check_sbatch_value(str(value))]
+    problems += [f"slurm.job_name: {m}" for m in check_job_name(slurm.job_name)]
+    time_s = slurm_time_seconds(slurm.time)
+    margin = slurm.stop_margin_s if slurm.stop_margin_s is not None else preset.stop_margin_s
+    if margin >= time_s:
+        problems.append(f"slurm.stop_margin_s: {margin} s is not shorter than slurm.time = {slurm.time} "
+                        f"({time_s} s): the job would stop before it starts")
+    folder = Path(folder or (run_dir / "slurm" if run_dir else Path("runs") / "slurm")).absolute()
+    problems += [f"slurm.folder: {m}" for m in check_sbatch_path(str(folder))]
+
+    env = dict(preset.env)
+    for item in slurm.env:
+        name, _, value = item.partition("=")
+        env[name] = value
+    for name, value in env.items():
+        problems += [f"slurm.env: {m}" for m in check_env_value(name, value)]
+    gpus = slurm.gpus_per_node if slurm.gpus_per_node is not None else preset.gpus_per_node
+    cpus = slurm.cpus_per_task or preset.cpus_per_task
+    env.setdefault("OMP_NUM_THREADS", str(cpus))
+
+    staging = preset.staging.enabled if slurm.staging is None else slurm.staging
+    if staging and not preset.staging.archive:
+        problems.append(f"slurm.staging: the {preset.name} preset's staging section names no archive "
+                        f"({preset.path}: staging.archive)")
+    if staging:
+        python = quote_env_value(preset.staging.dest.rstrip("/") + "/" + preset.staging.python)
+    elif slurm.python or preset.python:
+        python = shell_quote(slurm.python or preset.python)
+    else:
+        python = shell_quote(sys.executable)
+    if problems:
+        raise SubmitError(f"{len(problems)} problem(s) with the job:\n" + "\n".join(f"  - {p}" for p in problems))
+    return JobPlan(kind=kind, preset=preset, job_name=slurm.job_name, nodes=slurm.nodes,
+                   tasks_per_node=slurm.tasks_per_node or preset.tasks_per_node, gpus_per_node=gpus,
+                   cpus_per_task=cpus, time_s=time_s, stop_margin_s=margin, max_segments=slurm.max_segments,
+                   folder=folder, python=python, account=account, partition=slurm.partition or preset.partition,
+                   qos=slurm.qos or preset.qos, exclude=slurm.exclude, env=env, staging=staging,
+                   run_dir=Path(run_dir).absolute() if run_dir else None,
+                   config_overrides=preset.config_overrides() if kind == "train" else [],
+                   command=list(command or []))
+
+
+# ---- the script -------------------------------------------------------------------------------
+def setup_lines(plan: JobPlan) -> list[str]:
+    """Shell lines of the batch script before `srun` (submitit's `setup`)."""
+    from rdhpc.distributed.ranks import STALE_RANK_VARIABLES
+
+    p = plan.preset
+    lines = [f"# rdhpc {plan.kind}: cluster preset {p.name} ({p.path}); {plan.num_tasks} ranks, backend {p.backend}"]
+    lines += [f"module load {m}" for m in p.modules]  # module names are checked to be plain words
+    lines += list(p.setup)
+    lines.append("# sbatch exports the submitter's environment: drop what a launcher there left behind")
+    lines.append("unset " + " ".join(STALE_RANK_VARIABLES))
+    lines += [export_line(name, value) for name, value in plan.env.items()]
+    lines.append("# checkpoint and stop before the time limit (the same margin as Slurm's USR2 warning)")
+    lines.append(f"export RDHPC_STOP_AT=$(( $(date +%s) + {plan.time_s} - {plan.stop_margin_s} ))")
+    if plan.staging:
+        s = p.staging
+        dest = quote_env_value(s.dest)
+        archive = shell_quote(s.archive)
+        local = quote_env_value(s.dest.rstrip("/") + "/rdhpc-env.tar")
+        lines += ["# node-local staging: the environment to every node's local disk (sbcast), then unpacked",
+                  f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 mkdir -p {dest}',
+                  f"sbcast --force --preserve {archive} {local}",
+                  f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 tar -xf {local} -C {dest}']
+    return lines
+
+
+def submitit_parameters(plan: JobPlan) -> dict:
+    """Parameters of submitit's SlurmExecutor (its names); the dry run renders the same ones."""
+    extra = {"requeue": True}  # allow `scontrol requeue` of this job even where JobRequeue=0
+    extra.update(plan.preset.sbatch)
+    if plan.staging:
+        extra.update(plan.preset.staging.sbatch)
+    params = {
+        "job_name": plan.job_name,
+        "nodes": plan.nodes,
+        "ntasks_per_node": plan.tasks_per_node,
+        "cpus_per_task": plan.cpus_per_task,
+        "time": plan.time_minutes,
+        "signal_delay_s": plan.stop_margin_s,
+        "setup": setup_lines(plan),
+        # one failing rank ends the step instead of leaving the others in a collective
+        "srun_args": ["--kill-on-bad-exit=1", *plan.preset.srun_args],
+        "additional_parameters": extra,
+    }
+    if plan.gpus_per_node:
+        params["gpus_per_node"] = plan.gpus_per_node
+    for key in ("account", "partition", "qos", "exclude"):
+        if getattr(plan, key):
+            params[key] = getattr(plan, key)
+    return params
+
+
+def submitit_command(plan: JobPlan) -> str:
+    # exactly what submitit.SlurmExecutor._submitit_command_str writes
+    return " ".join([plan.python, "-u -m submitit.core._submit", shlex.quote(str(plan.folder))])
+
+
+def render_script(plan: JobPlan) -> str:
+    """The sbatch script, as submitit will write it (same function, same parameters)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(command=submitit_command(plan), folder=plan.folder, **submitit_parameters(plan))
+
+
+def dry_run_text(plan: JobPlan) -> str:
+    from rdhpc.distributed.ranks import STALE_RANK_VARIABLES
+
+    out = [f"# rdhpc submit --dry-run: nothing was submitted. Cluster preset {plan.preset.name}: "
+           f"{plan.preset.description}",
+           f"# {plan.nodes} node(s) x {plan.tasks_per_node} task(s) = {plan.num_tasks} rank(s); "
+           f"{plan.gpus_per_node} GPU(s) per node, {plan.cpus_per_task} core(s) per task; backend "
+           f"{plan.preset.backend}; {plan.time_minutes} min per segment, at most {plan.max_segments} segment(s)",
+           f"# sbatch script ({plan.folder}/%j_submission.sh once submitted):", ""]
+    out.append(render_script(plan))
+    out += ["", "# environment of every rank: the submitting shell's (sbatch --export=ALL), without",
+            "#   " + " ".join(STALE_RANK_VARIABLES), "# and with:"]
+    out += [f"#   {name}={value}" for name, value in plan.env.items()]
+    out += ["#   RDHPC_STOP_AT=<job start + %d s - %d s>" % (plan.time_s, plan.stop_margin_s),
+            "#   per rank, set in Python: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE from SLURM_PROCID, "
+            "SLURM_STEP_NUM_TASKS, SLURM_LOCALID; MASTER_ADDR = first node of SLURM_JOB_NODELIST, "
+            "MASTER_PORT = 15000 + job id % 15000"]
+    if plan.config_overrides:
+        out.append("# run config set by the preset (before --set): " + " ".join(plan.config_overrides))
+    if plan.kind == "prep":
+        out.append("# each task runs: rdhpc " + " ".join(shlex.quote(a) for a in plan.command))
+    elif plan.config_path:
+        out.append(f"# each task runs: rdhpc train {plan.config_path} (the resolved config, saved at submission)")
+    return "\n".join(out) + "\n"
+
+
+# ---- what runs in the job ---------------------------------------------------------------------
+def _job_log(*args, **kwargs):
+    kwargs.setdefault("flush", True)
+    print(*args, **kwargs)
+
+
+def _prepare_rank(max_segments: int):
+    from rdhpc.distributed.ranks import discover_ranks, export_process_group_env
+
+    ranks = discover_ranks()
+    values = export_process_group_env(ranks)
+    segment = int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1
+    if ranks.is_main:
+        _job_log(f"[slurm] job {os.environ.get('SLURM_JOB_ID')} segment {segment}/{max_segments}: "
+                 f"{ranks.world_size} rank(s) ({ranks.launcher}), rendezvous {values['MASTER_ADDR']}:"
+                 f"{values['MASTER_PORT']}, this rank on {socket.gethostname()}")
+    fault = os.environ.get("RDHPC_FAULT_FAIL_RANK")  # drills and tests: this rank fails at start
+    if fault and int(fault) == ranks.rank:
+        raise RuntimeError(f"rank {ranks.rank}: failing on purpose (RDHPC_FAULT_FAIL_RANK={fault})")
+    return ranks, segment
+
+
+def _requeue_and_wait(ranks, reason: str, wait_s: float = 300.0):
+    """Rank 0 requeues the job; every rank then waits to be ended by Slurm, writing no result, so
+    the submitter keeps waiting for the next segment. If the requeue does not happen, fail loudly."""
+    job_id = os.environ["SLURM_JOB_ID"]
+    if ranks.is_main:
+        _job_log(f"[slurm] stopped ({reason}): requeueing job {job_id} for the next segment")
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"scontrol requeue {job_id} failed: {done.stderr.strip() or done.stdout.strip()}")
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(1)
+    raise RuntimeError(f"job {job_id} was not requeued within {wait_s:.0f} s of the request")
+
+
+class TrainTask:
+    """The callable submitit pickles: one training segment per call, on every task."""
+
+    def __init__(self, config_path: str, max_segments: int):
+        self.config_path = str(config_path)
+        self.max_segments = max_segments
+
+    def __call__(self) -> dict:
+        from rdhpc.config import load_config
+        from rdhpc.train.trainer import train
+
+        ranks, segment = _prepare_rank(self.max_segments)
+        run = load_config(self.config_path)
+        result = train(run, ranks, log=_job_log)
+        summary = {"rank": ranks.rank, "segment": segment, "step": result.step, "completed": result.completed,
+                   "stop_reason": result.stop_reason, "last_loss": result.losses[-1] if result.losses else None}
+        if result.completed:
+            return summary
+        if segment >= self.max_segments:
+            if ranks.is_main:
+                _job_log(f"[slurm] stopped at step {result.step} after {segment} segment(s): slurm.max_segments "
+                         f"= {self.max_segments} reached, not requeued")
+            return summary
+        _requeue_and_wait(ranks, result.stop_reason or "stop requested")
+        return summary  # not reached
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's preemption/timeout path (a signal before the trainer took over): requeue the
+        same task; it resumes from the latest complete checkpoint."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainTask(self.config_path, self.max_segments))
+
+
+class CommandTask:
+    """A prep stage on every task: `rdhpc prep STAGE ARGS...`; the stage splits its work by rank."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        from rdhpc.cli import build_parser
+
+        ranks, _ = _prepare_rank(1)
+        args = build_parser().parse_args(self.argv)
+        status = args.func(args)  # exceptions propagate: submitit records them as this task's error
+        if status:
+            raise RuntimeError(f"rank {ranks.rank}: rdhpc {' '.join(self.argv)} exited with status {status}")
+        return status or 0
+
+
+# ---- submission -------------------------------------------------------------------------------
+def jobs_dir() -> Path:
+    return Path(os.environ.get("RDHPC_JOBS_DIR") or Path.home() / ".rdhpc" / "jobs")
+
+
+def submit(plan: JobPlan) -> dict:
+    """Submit through submitit; return the job record (id, logs, TensorBoard folder) that
+    `rdhpc status` reads back."""
+    import submitit
+
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    executor = submitit.SlurmExecutor(folder=plan.folder, max_num_timeout=plan.max_segments, python=plan.python)
+    executor.update_parameters(**submitit_parameters(plan))
+    task = TrainTask(plan.config_path, plan.max_segments) if plan.kind == "train" else CommandTask(plan.command)
+    try:
+        job = executor.submit(task)
+    except subprocess.CalledProcessError as exc:
+        out = (exc.stderr or exc.output or b"").decode(errors="replace") if isinstance(exc.stderr or exc.output, bytes) \
+            else str(exc.stderr or exc.output or "")
+        raise SubmitError(f"sbatch refused the job: {out.strip() or exc}") from None
+    except submitit.core.utils.FailedJobError as exc:
+        raise SubmitError(f"sbatch refused the job: {exc}") from None
+    record = {
+        "job_id": job.job_id, "kind": plan.kind, "cluster": plan.preset.name, "submitted": time.time(),
+        "folder": str(plan.folder), "num_tasks": plan.num_tasks,
+        "script": str(plan.folder / f"{job.job_id}_submission.sh"),
+        "logs": [str(plan.folder / f"{job.job_id}_{t}_log.out") for t in range(plan.num_tasks)],
+        "errors": [str(plan.folder / f"{job.job_id}_{t}_log.err") for t in range(plan.num_tasks)],
+        "run_dir": str(plan.run_dir) if plan.run_dir else None,
+        "tensorboard": str(plan.tensorboard_dir) if plan.tensorboard_dir else None,
+        "slurm_conf": os.environ.get("SLURM_CONF"), "command": plan.command or None,
+        "max_segments": plan.max_segments,
+    }
+    (plan.folder / f"{job.job_id}_{JOB_RECORD}").write_text(json.dumps(record, indent=1))
+    jobs_dir().mkdir(parents=True, exist_ok=True)
+    (jobs_dir() / f"{job.job_id}.json").write_text(json.dumps(record, indent=1))
+    if plan.run_dir:
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(plan.run_dir / RUN_JOBS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
+
+
+# ---- status -----------------------------------------------------------------------------------
+def _parse_scontrol(line: str) -> dict:
+    record, key = {}, None
+    for token in line.split(" "):
+        name, sep, value = token.partition("=")
+        if sep and name and name[0].isupper():
+            key = name
+            record[key] = value
+        elif key is not None:
+            record[key] += " " + token
+    return record
+
+
+def slurm_job_info(job_id: str, timeout: float = 30) -> dict | None:
+    """Slurm's view of a job: scontrol (live jobs and recently finished ones), else sacct."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                             timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        out = None
+    if out is not None and out.returncode == 0 and out.stdout.strip():
+        info = _parse_scontrol(out.stdout.strip().splitlines()[0])
+        return {"state": info.get("JobState", "UNKNOWN"), "reason": info.get("Reason"),
+                "exit_code": info.get("ExitCode"), "restarts": int(info.get("Restarts") or 0),
+                "nodes": info.get("NodeList"), "run_time": info.get("RunTime"), "source": "scontrol"}
+    try:
+        out = subprocess.run(["sacct", "-j", str(job_id), "-X", "-P", "-n", "-o", "JobID,State,ExitCode,NodeList"],
+                             capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.stdout.splitlines():
+        fields = line.split("|")
+        if len(fields) >= 4 and fields[0] == str(job_id):
+            return {"state": fields[1].split()[0], "exit_code": fields[2], "nodes": fields[3], "restarts": None,
+                    "source": "sacct"}
+    return None
+
+
+def load_record(target: str) -> dict:
+    """A job record from a job id (the registry in RDHPC_JOBS_DIR / ~/.rdhpc/jobs), a run folder
+    (its latest submission) or a submitit folder."""
+    path = Path(target)
+    if path.is_dir():
+        if (path / RUN_JOBS).is_file():
+            lines = (path / RUN_JOBS).read_text().splitlines()
+            if lines:
+                return json.loads(lines[-1])
+        records = sorted(path.glob(f"*_{JOB_RECORD}"), key=lambda p: p.stat().st_mtime)
+        if records:
+            return json.loads(records[-1].read_text())
+        raise SubmitError(f"{path}: no rdhpc job was submitted from this folder ({RUN_JOBS} or *_{JOB_RECORD} missing)")
+    if not target.replace("_", "").isdigit():
+        raise SubmitError(f"{target!r} is neither a job id nor a folder")
+    registry = jobs_dir() / f"{target}.json"
+    if registry.is_file():
+        return json.loads(registry.read_text())
+    return {"job_id": target, "folder": None, "logs": [], "errors": [], "run_dir": None, "tensorboard": None}
+
+
+def _task_errors(record: dict) -> list[tuple[int, str]]:
+    """(task, error text) of every task that recorded an error: its submitit result, else the
+    end of its stderr log when that holds a traceback."""
+    import pickle
+
+    out = []
+    folder = Path(record["folder"]) if record.get("folder") else None
+    for task in range(record.get("num_tasks") or 0):
+        text = None
+        if folder is not None:
+            result = folder / f"{record['job_id']}_{task}_result.pkl"
+            if result.is_file():
+                try:
+                    outcome, payload = pickle.loads(result.read_bytes())
+                    if outcome == "error":
+                        text = str(payload)
+                except Exception:  # a result pickle we cannot read says nothing more
+                    pass
+        if text is None and task < len(record.get("errors", [])):
+            err = Path(record["errors"][task])
+            if err.is_file():
+                content = err.read_text(errors="replace")
+                if "Traceback" in content:
+                    text = content[content.rfind("Traceback"):]
+        if text:
+            lines = [line for line in text.strip().splitlines() if line.strip()]
+            out.append((task, "\n".join(lines[-6:])))
+    return out
+
+
+def job_status(target: str) -> dict:
+    record = load_record(target)
+    info = slurm_job_info(record["job_id"]) or {"state": "UNKNOWN"}
+    status = {"job_id": record["job_id"], "state": info["state"], "slurm": info, "record": record}
+    run_dir = Path(record["run_dir"]) if record.get("run_dir") else None
+    if run_dir is not None:
+        state_file = run_dir / "run_state.json"
+        if state_file.is_file():
+            status["run_state"] = json.loads(state_file.read_text())
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            lines = metrics.read_text().splitlines()
+            if lines:
+                last = json.loads(lines[-1])
+                status["last_step"], status["last_loss"] = last.get("step"), last.get("loss")
+    if info["state"] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING"):
+        status["errors"] = _task_errors(record)
+    return status
+
+
+def format_status(status: dict) -> str:
+    record, info = status["record"], status["slurm"]
+    restarts = info.get("restarts")
+    segments = f", segment {restarts + 1}" if restarts is not None else ""
+    lines = [f"job {status['job_id']}: {status['state']}{segments}"
+             + (f" (reason {info['reason']})" if info.get("reason") not in (None, "None") else "")
+             + (f", exit code {info['exit_code']}" if info.get("exit_code") not in (None, "0:0") else "")]
+    if record.get("cluster"):
+        lines.append(f"  cluster {record['cluster']}, {record.get('num_tasks')} task(s), nodes {info.get('nodes') or '-'}")
+    if "run_state" in status:
+        rs = status["run_state"]
+        lines.append(f"  run: {rs.get('state')} at step {rs.get('step')}"
+                     + (f" ({rs['reason']})" if rs.get("reason") else ""))
+    if status.get("last_step") is not None:
+        lines.append(f"  last step {status['last_step']}, loss {status['last_loss']:.4f}")
+    for task, text in status.get("errors", []):
+        lines.append(f"  error of task {task} (rank {task}):")
+        lines += [f"    {line}" for line in text.splitlines()]
+    if record.get("logs"):
+        lines.append(f"  logs: {record['logs'][0]}" + (f" (and {len(record['logs']) - 1} more)" if len(record['logs']) > 1 else ""))
+        lines.append(f"  errors: {record['errors'][0]}")
+    if record.get("run_dir"):
+        lines.append(f"  run folder: {record['run_dir']}")
+    if record.get("tensorboard"):
+        lines.append(f"  tensorboard: {record['tensorboard']}")
+    return "\n".join(lines)
+
+
+def wait_for_job(job_id: str, timeout: float, poll_s: float = 2.0) -> str:
+    """Poll until the job reaches a terminal state; raise TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = slurm_job_info(job_id)
+        state = (info or {}).get("state", "UNKNOWN")
+        if state in TERMINAL_STATES:
+            return state
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s")
+        time.sleep(poll_s)
+
+
+# ---- the commands -----------------------------------------------------------------------------
+def _cli_overrides(args) -> list[str]:
+    """--nodes, --time... as slurm.* overrides, so that the config checks them and saves them."""
+    out = []
+    for flag, key in (("cluster", "cluster"), ("nodes", "nodes"), ("tasks_per_node", "tasks_per_node"),
+                      ("gpus_per_node", "gpus_per_node"), ("account", "account"), ("partition", "partition"),
+                      ("qos", "qos"), ("job_name", "job_name"), ("max_segments", "max_segments"),
+                      ("stop_margin", "stop_margin_s"), ("exclude", "exclude")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"slurm.{key}={json.dumps(value)}")
+    if args.time is not None:
+        out.append(f"slurm.time={json.dumps(str(args.time))}")  # "12:00:00" would be sexagesimal YAML
+    if getattr(args, "staging", None) is not None:
+        out.append(f"slurm.staging={'true' if args.staging else 'false'}")
+    if args.env:
+        out.append(f"slurm.env={json.dumps(args.env)}")
+    return out
+
+
+def cmd_submit(args) -> int:
+    from rdhpc.config import ConfigError, config_from_dict, load_config, save_config
+
+    prep = args.prep
+    if prep is not None:
+        if not prep or prep[0] not in PREP_STAGES:
+            raise SubmitError(f"--prep: expected one of {', '.join(PREP_STAGES)} and its arguments, got "
+                              f"{' '.join(prep) or 'nothing'}")
+        run = load_config(args.config, args.overrides + _cli_overrides(args)) if args.config else \
+            config_from_dict({}, _cli_overrides(args))
+        plan = plan_job(run.slurm.cluster, run.slurm, "prep", None, args.log_dir or run.slurm.folder,
+                        command=["prep", *prep])
+    else:
+        if not args.config:
+            raise SubmitError("a run config is required (rdhpc submit CONFIG ...), or --prep STAGE ... for a prep stage")
+        slurm_args = _cli_overrides(args)
+        first = load_config(args.config, args.overrides + slurm_args)  # every problem reported once
+        preset = load_preset(first.slurm.cluster)
+        # preset-implied config (e.g. fixed gradient buckets) first, then the file's --set, then the CLI's
+        overrides = preset.config_overrides() + args.overrides + slurm_args
+        run = load_config(args.config, overrides)
+        if run.data.train_dir is None:
+            raise ConfigError(["data.train_dir: required for training (a folder made by `rdhpc prep shards`)"])
+        run_dir = Path(run.logging.run_dir)
+        plan = plan_job(run.slurm.cluster, run.slurm, "train", run_dir, args.log_dir or run.slurm.folder)
+        plan.config_path = plan.folder / CONFIG_SNAPSHOT
+        if not args.dry_run:
+            # The job loads this resolved snapshot: every segment trains the config of submission
+            # time, whatever happens to the YAML file meanwhile.
+            save_config(run, plan.folder)
+            (plan.folder / "config.yaml").replace(plan.config_path)
+    if args.dry_run:
+        print(dry_run_text(plan), end="")
+        return 0
+    record = submit(plan)
+    print(f"submitted job {record['job_id']} ({plan.num_tasks} task(s) on {plan.nodes} node(s), "
+          f"cluster {plan.preset.name})")
+    print(f"  logs: {record['logs'][0]}" + (f" ... {record['logs'][-1]}" if len(record["logs"]) > 1 else ""))
+    print(f"  script: {record['script']}")
+    if record["tensorboard"]:
+        print(f"  tensorboard: {record['tensorboard']}")
+    print(f"  status: rdhpc status {record['job_id']}")
+    if not args.wait:
+        return 0
+    state = wait_for_job(record["job_id"], timeout=args.timeout)
+    status = job_status(record["job_id"])
+    print(format_status(status))
+    run_ok = plan.kind == "prep" or status.get("run_state", {}).get("state") == "completed"
+    return 0 if state == "COMPLETED" and run_ok else 1
+
+
+def cmd_status(args) -> int:
+    status = job_status(args.job)
+    if args.json:
+        print(json.dumps({k: v for k, v in status.items()}, indent=1, default=str))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def add_submit_parser(sub):
+    import argparse
+
+    p = sub.add_parser("submit", help="submit training (or a prep stage) to Slurm through submitit",
+                       description="Submit training, or with --prep a prep stage, to Slurm. Prints the job id, "
+                                   "the log paths and the TensorBoard folder.")
+    p.add_argument("config", nargs="?", help="YAML run configuration (its slurm section is the job's default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--cluster", help="preset: frontier, nvidia, local, your own name, or a preset file")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--tasks-per-node", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--time", help="time limit of one segment (HH:MM:SS, MM, D-HH:MM:SS)")
+    p.add_argument("--account")
+    p.add_argument("--partition")
+    p.add_argument("--qos")
+    p.add_argument("--exclude", help="nodes to leave out (a Slurm host list)")
+    p.add_argument("--job-name")
+    p.add_argument("--max-segments", type=int)
+    p.add_argument("--stop-margin", type=int, metavar="SECONDS", help="checkpoint this long before the time limit")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra job environment")
+    p.add_argument("--staging", action=argparse.BooleanOptionalAction, default=None,
+                   help="node-local staging of the environment (the preset's staging section)")
+    p.add_argument("--log-dir", help="submitit folder: scripts, pickles, per-task logs (default RUN_DIR/slurm)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and environment; submit nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the end of the job (all its segments)")
+    p.add_argument("--timeout", type=float, default=7 * 24 * 3600, help="seconds --wait waits at most")
+    p.add_argument("--prep", nargs=argparse.REMAINDER, metavar="STAGE ARGS",
+                   help="submit `rdhpc prep STAGE ARGS...` instead of training (must come last)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="state, segments, last step and loss, logs of a submitted job")
+    p.add_argument("job", help="job id, run folder or submitit folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)

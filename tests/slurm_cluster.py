@@ -1,0 +1,59 @@
+"""A real one-machine Slurm for the tests: slurmctld, slurmd and munged started by
+tools/slurm_local.py under a temporary folder (SLURM_CONF points there), stopped by PID at the end.
+
+If the daemons cannot be installed or started, the fixture FAILS (it never skips): a Slurm test
+that does not run proves nothing. Set RDHPC_TEST_SLURM_DIR to the state folder of a cluster
+already started with `python tools/slurm_local.py start DIR` to reuse it (it is then left running).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+
+import slurm_local  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Yields the cluster's client environment (SLURM_CONF, PATH with the sacct stand-in first),
+    also applied to os.environ so that submitit's sbatch/sacct calls reach this cluster."""
+    reuse = os.environ.get("RDHPC_TEST_SLURM_DIR")
+    if reuse and slurm_local.is_running(Path(reuse)):
+        state, owned = Path(reuse), False
+    else:
+        try:
+            slurm_local.install()
+        except Exception as exc:  # noqa: BLE001 - reported as a failure with its cause
+            pytest.fail(f"cannot install slurm-wlm and munge: {exc}", pytrace=False)
+        # munged (user munge) must traverse the folder: not under the 0700 pytest temp folders
+        state = Path(tempfile.mkdtemp(prefix="rdhpc-slurm-", dir="/tmp"))
+        os.chmod(state, 0o755)
+        owned = True
+        try:
+            slurm_local.start(state)
+        except Exception as exc:  # noqa: BLE001
+            slurm_local.stop(state)
+            pytest.fail(f"cannot start the one-machine Slurm: {exc}", pytrace=False)
+    env = slurm_local.environment(state)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield {"state": state, "env": env}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if owned:
+            slurm_local.stop(state)
+            shutil.rmtree(state, ignore_errors=True)

@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""A real one-machine Slurm (Debian's slurm-wlm + munge) for the tests, CI and the demo.
+
+    python tools/slurm_local.py install              # apt-get install slurm-wlm munge (root)
+    python tools/slurm_local.py start /tmp/slurm     # prints `export SLURM_CONF=...; export PATH=...`
+    eval "$(python tools/slurm_local.py env /tmp/slurm)"; sbatch ...; sinfo
+    python tools/slurm_local.py stop /tmp/slurm
+
+Everything lives under the state folder: slurm.conf, a private munge key and socket, the
+controller's state, spool, logs and pid files, on free ports, so several of these clusters (two
+test sessions) can run side by side without touching /etc. The node declares CPUs=2, which is what
+the project's machines have; jobs of 2 tasks x 1 CPU fit. `sacct` does not exist without slurmdbd;
+tools/slurm-bin/sacct (put first on PATH by `env`) answers from `scontrol show job` so that
+submitit sees the end of a cancelled job.
+
+What the cgroup plugins need is missing here (no freezer cgroup), so the config uses
+proctrack/linuxproc and task/none, as ENVIRONMENT.md found. cred_expire is lowered from 120 s to
+10 s: it is also how long a requeued job waits before it may start again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+SACCT_DIR = TOOLS / "slurm-bin"
+DAEMONS = ("munged", "slurmctld", "slurmd")
+APT_PACKAGES = ["slurm-wlm", "munge"]
+
+
+class SlurmSetupError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def install() -> None:
+    """Install the Debian packages when a daemon is missing (CI on a fresh machine)."""
+    if all(shutil.which(d) or Path("/usr/sbin", d).exists() for d in DAEMONS):
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES], check=True, env=env)
+
+
+def slurm_conf(state: Path, ctld_port: int, slurmd_port: int, cpus: int, memory_mb: int) -> str:
+    munge_socket = state / "munge" / "munge.socket"
+    return f"""# written by tools/slurm_local.py: a one-machine Slurm for tests
+ClusterName=rdhpc-local
+SlurmctldHost=localhost
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge_socket},cred_expire=5
+StateSaveLocation={state}/ctld
+SlurmdSpoolDir={state}/spool
+SlurmctldPidFile={state}/slurmctld.pid
+SlurmdPidFile={state}/slurmd.pid
+SlurmctldLogFile={state}/log/slurmctld.log
+SlurmdLogFile={state}/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+MinJobAge=3600
+KillWait=5
+InactiveLimit=0
+SlurmctldTimeout=30
+SlurmdTimeout=60
+MailProg=/bin/true
+JobRequeue=1
+SchedulerParameters=sched_interval=2,bf_interval=2
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def environment(state: Path) -> dict[str, str]:
+    """What a client (sbatch, submitit, the tests) needs to talk to this cluster."""
+    path = os.environ.get("PATH", "")
+    parts = [p for p in path.split(os.pathsep) if p and p != str(SACCT_DIR)]
+    return {"SLURM_CONF": str(state / "slurm.conf"), "PATH": os.pathsep.join([str(SACCT_DIR), *parts])}
+
+
+def _run(cmd, env=None, timeout=30, check=True):
+    return subprocess.run(cmd, env=env, timeout=timeout, check=check, capture_output=True, text=True)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is not alive
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def node_state(state: Path, timeout: float = 10) -> str | None:
+    env = dict(os.environ, **environment(state))
+    try:
+        out = _run(["sinfo", "-h", "-N", "-o", "%T"], env=env, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def is_running(state: Path) -> bool:
+    pids = json.loads((state / "pids.json").read_text()) if (state / "pids.json").exists() else {}
+    return bool(pids) and all(_alive(pids.get(d)) for d in DAEMONS) and node_state(state) is not None
+
+
+def start(state: Path, cpus: int = 2, memory_mb: int = 20000, timeout: float = 60) -> dict[str, str]:
+    """Start munged, slurmctld and slurmd under `state`; return the client environment. Raises
+    SlurmSetupError with the daemons' own log lines when something does not come up."""
+    state = Path(state).resolve()
+    for daemon in DAEMONS:
+        if not (shutil.which(daemon) or Path("/usr/sbin", daemon).exists()):
+            raise SlurmSetupError(f"{daemon} is not installed: run `python tools/slurm_local.py install` "
+                                  f"(apt-get install -y --no-install-recommends {' '.join(APT_PACKAGES)})")
+    if is_running(state):
+        return environment(state)
+    for sub in ("munge", "ctld", "spool", "log"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o755)
+    conf = slurm_conf(state, _free_port(), _free_port(), cpus, memory_mb)
+    (state / "slurm.conf").write_text(conf)
+    env = dict(os.environ, **environment(state))
+    pids: dict[str, int] = {}
+
+    # munge: a private key and socket; munged refuses to run as root and checks that its folder
+    # belongs to it and is not writable by others.
+    munge = pwd.getpwnam("munge")
+    munge_dir = state / "munge"
+    key = munge_dir / "munge.key"
+    if not key.exists():
+        key.write_bytes(os.urandom(128))
+    for p in (munge_dir, key):
+        os.chown(p, munge.pw_uid, munge.pw_gid)
+    os.chmod(munge_dir, 0o755)
+    os.chmod(key, 0o400)
+    subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--force",
+                    f"--socket={munge_dir / 'munge.socket'}", f"--key-file={key}",
+                    f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={munge_dir / 'munged.log'}",
+                    f"--seed-file={munge_dir / 'munged.seed'}"], check=True, timeout=30, capture_output=True)
+    pids["munged"] = _wait_for_pid(munge_dir / "munged.pid", "munged", munge_dir / "munged.log")
+
+    _run(["/usr/sbin/slurmctld"], env=env)
+    pids["slurmctld"] = _wait_for_pid(state / "slurmctld.pid", "slurmctld", state / "log" / "slurmctld.log")
+    _run(["/usr/sbin/slurmd", "-N", "localhost"], env=env)
+    pids["slurmd"] = _wait_for_pid(state / "slurmd.pid", "slurmd", state / "log" / "slurmd.log")
+    (state / "pids.json").write_text(json.dumps(pids))
+
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        seen = node_state(state)
+        if seen and seen.startswith("idle"):
+            break
+        if seen and any(word in seen for word in ("down", "drain", "fail")):
+            _run(["scontrol", "update", "NodeName=localhost", "State=RESUME"], env=env, check=False)
+        time.sleep(0.5)
+    else:
+        logs = _tail(state / "log" / "slurmctld.log") + _tail(state / "log" / "slurmd.log")
+        stop(state)
+        raise SlurmSetupError(f"the Slurm node did not become idle within {timeout:.0f} s (state {seen!r});\n{logs}")
+    return environment(state)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return f"--- {path}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
+    except OSError:
+        return f"--- {path}: (missing)\n"
+
+
+def _wait_for_pid(pid_file: Path, name: str, log: Path, timeout: float = 20) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = _read_pid(pid_file)
+        if _alive(pid):
+            return pid
+        time.sleep(0.1)
+    raise SlurmSetupError(f"{name} did not start (no live pid in {pid_file} after {timeout:.0f} s);\n{_tail(log)}")
+
+
+def stop(state: Path, timeout: float = 30) -> None:
+    """Stop the daemons started by `start` by their PIDs (waiting on them: the pid files vanish
+    before the processes exit)."""
+    state = Path(state).resolve()
+    pids = json.loads((state / "pids.json").read_text()) if (state / "pids.json").exists() else {}
+    for name, pid_file in (("slurmctld", state / "slurmctld.pid"), ("slurmd", state / "slurmd.pid"),
+                           ("munged", state / "munge" / "munged.pid")):
+        pids.setdefault(name, _read_pid(pid_file))
+    env = dict(os.environ, **environment(state))
+    if _alive(pids.get("slurmctld")):
+        try:  # stops slurmctld and every slurmd; their running jobs are ended
+            _run(["scontrol", "shutdown"], env=env, timeout=10, check=False)
+        except subprocess.TimeoutExpired:
+            pass
+    for name in ("slurmd", "slurmctld", "munged"):
+        pid = pids.get(name)
+        deadline = time.monotonic() + timeout / 3
+        if name == "munged" and _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    (state / "pids.json").unlink(missing_ok=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("install", help="apt-get install slurm-wlm munge when missing")
+    for name in ("start", "stop", "env", "status"):
+        p = sub.add_parser(name)
+        p.add_argument("state", help="state folder of this cluster")
+    args = parser.parse_args(argv)
+    if args.command == "install":
+        install()
+        return 0
+    state = Path(args.state)
+    if args.command == "start":
+        try:
+            env = start(state)
+        except SlurmSetupError as exc:
+            print(f"slurm_local: {exc}", file=sys.stderr)
+            return 1
+        print("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()), end="")
+        return 0
+    if args.command == "env":
+        print("".join(f"export {k}={shlex.quote(v)}\n" for k, v in environment(state).items()), end="")
+        return 0
+    if args.command == "status":
+        running = is_running(state)
+        print("running" if running else "stopped", node_state(state) or "")
+        return 0 if running else 1
+    stop(state)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
