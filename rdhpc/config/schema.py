@@ -173,6 +173,10 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "auto"
     """'auto' resumes from the latest complete checkpoint, 'never' starts fresh, or a checkpoint path."""
+    init_from: str | None = None
+    """Start a fresh run from these weights (optimizer state and step start anew): the released
+    Huginn layout (config.json + model.safetensors), a .safetensors file from `rdhpc export`, or a
+    DeepSpeed checkpoint of any ZeRO stage. Ignored when the run resumes from its own checkpoint."""
 
     def problems(self, prefix="checkpoint"):
         return check_bounds(self, prefix, positive=("interval", "keep_last"))
@@ -188,11 +192,6 @@ class LoggingConfig:
         return [] if self.run_dir else [f"{prefix}.run_dir: must not be empty"]
 
 
-@dataclass
-class SlurmConfig:
-    cluster: str = "local"
-    """Preset in slurm/clusters/<name>.yaml (frontier, nvidia, local), a user preset of that name
-    in $RDHPC_CLUSTERS_DIR or ~/.config/rdhpc/clusters, or a path to a preset file."""
 def slurm_time_seconds(text: str) -> int:
     """Slurm's time formats -> seconds: "MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS"."""
     text = str(text).strip()
@@ -220,18 +219,26 @@ def slurm_time_seconds(text: str) -> int:
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
-    nodes: int = 1
-    time: str = "12:00:00"
+@dataclass
+class SlurmConfig:
     """`rdhpc submit`: the job's shape and set-up. A cluster preset (slurm/clusters/NAME.yaml) gives
     the defaults of every key left None here; the command line's --nodes, --time... override both."""
 
-    """Time limit per job segment; the run checkpoints stop_margin_s before it and is requeued."""
-    account: str | None = None
-    partition: str | None = None
+    cluster: str = "local"
+    """Preset in slurm/clusters/<name>.yaml (frontier, nvidia, local), a user preset of that name
+    in $RDHPC_CLUSTERS_DIR or ~/.config/rdhpc/clusters, or a path to a preset file."""
+    nodes: int = 1
     tasks_per_node: int | None = None
     """Ranks per node (None: the preset's, e.g. 8 on Frontier = one per MI250X die)."""
     gpus_per_node: int | None = None
     cpus_per_task: int | None = None
+    time: str = "12:00:00"
+    """Time limit per job segment; the run checkpoints stop_margin_s before it and is requeued."""
+    account: str | None = None
+    partition: str | None = None
+    qos: str | None = None
+    exclude: str | None = None
+    """Nodes to leave out (Slurm host list), e.g. one the pre-flight named as slow."""
     job_name: str = "rdhpc"
     max_segments: int = 32
     """Run at most this many segments (the first plus requeues; the paper's run took 21 of up to 12 h)."""
@@ -246,9 +253,6 @@ def slurm_time_seconds(text: str) -> int:
     folder: str | None = None
     """Where submitit keeps scripts, pickles and per-task logs (None: <logging.run_dir>/slurm)."""
 
-    qos: str | None = None
-    exclude: str | None = None
-    """Nodes to leave out (Slurm host list), e.g. one the pre-flight named as slow."""
     def problems(self, prefix="slurm"):
         import re
 

@@ -1,0 +1,195 @@
+"""Validation loss and perplexity against recurrence depth: the test-time scaling curve.
+
+    rdhpc eval runs/x/checkpoints --data shards/ --steps 1,2,4,8,16,32,64
+    rdhpc eval model.safetensors --data shards/ --steps 1,4,16 --out eval/ --max-rows 512
+
+One pass per batch serves every depth: the core is iterated up to the largest depth and the coda and
+head read the state out at each requested depth, so a sweep costs the deepest depth once, not the sum
+of the depths. The initial state is seeded (the same noise for every depth, as the trainer's
+validation) or zero with --init-scale 0. Losses are token-weighted means over labels that are not
+padding. Writes a table (stdout), `eval.json`, `loss_vs_depth.png` (log-x) and TensorBoard scalars
+(`eval/loss` and `eval/perplexity` with the depth as the step; `eval/loss_r{r}` at the checkpoint's
+training step, so evaluating several checkpoints into one folder draws the curves over training).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rdhpc.errors import UserError
+from rdhpc.model.recurrent_depth import IGNORE_INDEX, RecurrentDepthModel
+
+
+class EvalError(UserError, ValueError):
+    pass
+
+
+@dataclass
+class DepthCurve:
+    depths: list[int]
+    loss: dict[int, float]
+    tokens: int
+    rows: int
+    checkpoint: str = ""
+    step: int | None = None
+    data: str = ""
+    split: str = "val"
+    init_scale: float = 1.0
+    seed: int = 0
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def perplexity(self) -> dict[int, float]:
+        return {d: math.exp(min(v, 700.0)) for d, v in self.loss.items()}
+
+    def table(self) -> str:
+        lines = [f"{'depth':>6}  {'loss':>8}  {'perplexity':>11}"]
+        for d in self.depths:
+            lines.append(f"{d:>6}  {self.loss[d]:>8.4f}  {self.perplexity[d]:>11.3f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"checkpoint": self.checkpoint, "step": self.step, "data": self.data, "split": self.split,
+                "rows": self.rows, "tokens": self.tokens, "init_scale": self.init_scale, "seed": self.seed,
+                "depths": self.depths,
+                "loss": {str(d): self.loss[d] for d in self.depths},
+                "perplexity": {str(d): self.perplexity[d] for d in self.depths}}
+
+
+def parse_depths(text: str) -> list[int]:
+    try:
+        depths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise EvalError(f"--steps: expected comma-separated integers such as 1,2,4,8, got {text!r}") from None
+    if not depths or any(d < 1 for d in depths):
+        raise EvalError(f"--steps: depths must be >= 1, got {text!r}")
+    return sorted(set(depths))
+
+
+@torch.no_grad()
+def loss_by_depth(model: RecurrentDepthModel, inputs: torch.Tensor, labels: torch.Tensor, depths: list[int],
+                  init_scale: float = 1.0) -> dict[int, tuple[float, int]]:
+    """{depth: (summed token loss, counted tokens)} of one batch, all depths from one trajectory."""
+    T = inputs.shape[1]
+    rope = model.rope(T, inputs.device)
+    embedded = model.embed(inputs, rope)
+    state = model.initial_state(embedded, init_scale)
+    wanted = set(depths)
+    count = int((labels != IGNORE_INDEX).sum())
+    out = {}
+    for depth in range(1, max(depths) + 1):
+        state = model.core_iteration(state, embedded, rope)
+        if depth in wanted:
+            logits = model.readout(state, rope)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+            out[depth] = (float(loss), count)
+    return out
+
+
+def evaluate_depths(model: RecurrentDepthModel, rows: np.ndarray, depths: list[int], pad_id: int,
+                    batch_size: int = 8, init_scale: float = 1.0, seed: int = 0,
+                    device: str | torch.device = "cpu") -> DepthCurve:
+    from rdhpc.data.loader import inputs_and_labels
+
+    totals = {d: 0.0 for d in depths}
+    tokens = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(rows), batch_size):
+            inputs, labels = inputs_and_labels(rows[start:start + batch_size], pad_id)
+            batch = loss_by_depth(model, inputs.to(device), labels.to(device), depths, init_scale)
+            for d, (loss, count) in batch.items():
+                totals[d] += loss
+            tokens += batch[depths[0]][1]
+    if tokens == 0:
+        raise EvalError("the evaluation rows hold no tokens to predict (all padding)")
+    return DepthCurve(depths, {d: totals[d] / tokens for d in depths}, tokens, len(rows),
+                      init_scale=init_scale, seed=seed)
+
+
+def write_outputs(curve: DepthCurve, out_dir: str | Path) -> DepthCurve:
+    """eval.json, loss_vs_depth.png and TensorBoard scalars under out_dir."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curve.files = {"json": str(out_dir / "eval.json"), "png": str(out_dir / "loss_vs_depth.png"),
+                   "tensorboard": str(out_dir / "tensorboard")}
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    losses = [curve.loss[d] for d in curve.depths]
+    ax.plot(curve.depths, losses, marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(curve.depths, [str(d) for d in curve.depths])
+    ax.set_xlabel("recurrence depth r (log scale)")
+    ax.set_ylabel("validation loss (nats per token)")
+    title = Path(curve.checkpoint).name or "checkpoint"
+    ax.set_title(f"{title}" + (f", step {curve.step}" if curve.step is not None else "")
+                 + f": {curve.tokens:,} tokens")
+    ax.grid(True, which="both", alpha=0.3)
+    for d, v in zip(curve.depths, losses):
+        ax.annotate(f"ppl {math.exp(min(v, 700.0)):.1f}", (d, v), textcoords="offset points", xytext=(4, 6),
+                    fontsize=7)
+    fig.tight_layout()
+    fig.savefig(curve.files["png"])
+    plt.close(fig)
+
+    writer = SummaryWriter(curve.files["tensorboard"])
+    for d in curve.depths:
+        writer.add_scalar("eval/loss", curve.loss[d], d)
+        writer.add_scalar("eval/perplexity", curve.perplexity[d], d)
+        writer.add_scalar(f"eval/loss_r{d}", curve.loss[d], curve.step or 0)
+    writer.close()
+    Path(curve.files["json"]).write_text(json.dumps(curve.to_dict() | {"files": curve.files}, indent=2) + "\n")
+    return curve
+
+
+def run_eval(checkpoint: str, data: str, depths: list[int], out: str | None = None, split: str = "val",
+             max_rows: int = 256, batch_size: int = 8, init_scale: float = 1.0, seed: int = 0,
+             device: str = "cpu", log=print) -> DepthCurve:
+    """`rdhpc eval`: load any checkpoint kind, evaluate the shards' rows at every depth, write outputs."""
+    from rdhpc.data.loader import ShardDataset
+    from rdhpc.export import load_checkpoint
+
+    if max_rows < 1 or batch_size < 1:
+        raise EvalError("--max-rows and --batch-size must be >= 1")
+    loaded = load_checkpoint(checkpoint, device=device)
+    model = loaded.model
+    dataset = ShardDataset(data, split)
+    if dataset.seq_len > model.config.max_seq_len:
+        raise EvalError(f"{data}: rows of {dataset.seq_len} tokens, the model's max_seq_len is "
+                        f"{model.config.max_seq_len}")
+    if dataset.manifest.tokenizer.vocab_size > model.config.padded_vocab_size:
+        raise EvalError(f"{data}: the shards' tokenizer has {dataset.manifest.tokenizer.vocab_size} tokens, the model "
+                        f"embeds {model.config.padded_vocab_size}")
+    if loaded.tokenizer:
+        from rdhpc.data.tokenizer import tokenizer_sha256
+
+        if tokenizer_sha256(loaded.tokenizer) != dataset.manifest.tokenizer.sha256:
+            log(f"[eval] warning: {data} was made with another tokenizer than the checkpoint's ({loaded.tokenizer})")
+    rows = dataset.rows(np.arange(min(max_rows, len(dataset))))
+    curve = evaluate_depths(model, rows, depths, dataset.pad_id, batch_size, init_scale, seed, device)
+    curve.checkpoint, curve.step, curve.data, curve.split = str(loaded.path), loaded.step, str(data), split
+    if out is None:
+        if loaded.kind == "deepspeed":  # RUN/checkpoints/stepN -> RUN/eval/stepN
+            out = loaded.path.parent.parent / "eval" / loaded.path.name
+        else:
+            out = loaded.path.parent / f"{loaded.path.stem}-eval"
+    write_outputs(curve, out)
+    log(f"[eval] {loaded.kind} checkpoint {loaded.path}" + (f" (step {loaded.step})" if loaded.step is not None else "")
+        + f", {len(rows)} {split} rows, {curve.tokens:,} tokens, initial-state scale {init_scale}")
+    log(curve.table())
+    log(f"[eval] wrote {curve.files['json']}, {curve.files['png']}, {curve.files['tensorboard']}")
+    return curve

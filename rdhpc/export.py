@@ -1,0 +1,344 @@
+"""Checkpoints in and out: DeepSpeed ZeRO checkpoints (any stage), one safetensors file, the released
+Huginn layout. Everything here runs on a CPU; nothing needs a GPU or the ranks that wrote the checkpoint.
+
+    rdhpc export runs/x/checkpoints --out model.safetensors              # ZeRO 0-3 -> one file + config
+    rdhpc export runs/x/checkpoints --format huginn --out huginn/        # the released layout
+    rdhpc export huginn/ --out model.safetensors                         # and back
+    rdhpc export runs/x/checkpoints/step00000128 --out m.safetensors --dtype bf16
+
+`load_checkpoint(path)` reads any of these kinds (a checkpoint folder with a `latest` pointer, one
+tag folder `stepNNNNNNNN`, a run folder, an exported `.safetensors` file, a released-layout folder)
+and is what `rdhpc eval` and `rdhpc generate` use. `load_initial_weights(model, path)` starts a
+training run from any of them (`checkpoint.init_from`), e.g. from the released Huginn weights.
+
+ZeRO stage 0 keeps the whole module in `mp_rank_00_model_states.pt`; stages 1-3 are consolidated from
+the float32 master partitions with DeepSpeed's zero_to_fp32 (bf16 runs give their float32 masters).
+Files are read with `torch.load(weights_only=True)`: DeepSpeed's optimizer files need two DeepSpeed
+record classes allowed (LossScaler, ZeroStageEnum, fragment_address), nothing else is unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rdhpc.errors import UserError
+from rdhpc.model.config import ModelConfig
+from rdhpc.model.huginn import CONFIG_FILE, WEIGHTS_FILE, load_huginn, save_huginn
+from rdhpc.model.recurrent_depth import RecurrentDepthModel
+
+LATEST = "latest"  # the trainer's pointer file
+STATE_DIR = "rdhpc"  # the trainer's own files inside a checkpoint tag folder
+FORMATS = ("safetensors", "huginn")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+META_MODEL_CONFIG = "rdhpc.model_config"
+META_RUN_CONFIG = "rdhpc.run_config"
+META_STEP = "rdhpc.step"
+META_SOURCE = "rdhpc.source"
+META_TOKENIZER = "rdhpc.tokenizer"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class ExportError(UserError, ValueError):
+    """A checkpoint that cannot be found, read or converted; the message names the path."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: RecurrentDepthModel
+    kind: str  # "deepspeed", "safetensors" or "huginn"
+    path: Path  # the tag folder, file or folder actually read
+    step: int | None = None
+    run_config: object | None = None  # rdhpc.config.RunConfig when the checkpoint carries one
+    tokenizer: str | None = None  # path of the tokenizer the model was trained with, when known
+
+
+# ---- DeepSpeed checkpoints ------------------------------------------------------------------------
+
+def _is_tag_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / STATE_DIR / "trainer_state.json").is_file()
+                              or any(path.glob("*mp_rank_*_model_states.pt")))
+
+
+def resolve_deepspeed(path: str | Path) -> tuple[Path, str] | None:
+    """(checkpoint folder, tag) for a checkpoint folder with `latest`, a tag folder or a run folder;
+    None when `path` is not a DeepSpeed checkpoint."""
+    path = Path(path)
+    for folder in (path, path / "checkpoints"):
+        if (folder / LATEST).is_file():
+            tag = (folder / LATEST).read_text().strip()
+            if not _is_tag_folder(folder / tag):
+                raise ExportError(f"{folder / LATEST}: points to {tag!r}, which is not a complete checkpoint")
+            return folder, tag
+    if _is_tag_folder(path):
+        return path.parent, path.name
+    return None
+
+
+@contextlib.contextmanager
+def _weights_only_loads(module):
+    """Make `module`'s torch.load calls weights_only, allowing only DeepSpeed's plain record classes."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(*args, **kwargs)
+
+    proxy = types.SimpleNamespace(**{name: getattr(torch, name) for name in dir(torch) if not name.startswith("__")})
+    proxy.load = safe_load
+    original = module.torch
+    module.torch = proxy
+    try:
+        yield
+    finally:
+        module.torch = original
+
+
+def zero_stage(tag_dir: Path) -> int:
+    """The ZeRO stage a checkpoint was written with: from the run's saved DeepSpeed JSON, else from
+    the files (stage 0 writes no optimizer partitions)."""
+    ds_json = tag_dir / STATE_DIR / "deepspeed.json"
+    if ds_json.is_file():
+        return int(json.loads(ds_json.read_text()).get("zero_optimization", {}).get("stage", 0))
+    return 1 if any(tag_dir.glob("*optim_states.pt")) else 0
+
+
+def consolidated_state_dict(folder: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full float32 state dict of a DeepSpeed checkpoint of any ZeRO stage, on the CPU."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    tag_dir = Path(folder) / tag
+    stage = zero_stage(tag_dir)
+    try:
+        if stage == 0:
+            states = tag_dir / "mp_rank_00_model_states.pt"
+            if not states.is_file():
+                raise ExportError(f"{states}: not found (a ZeRO stage-0 checkpoint keeps its weights there)")
+            module = torch.load(states, map_location="cpu", weights_only=True)["module"]
+            return {name: t.float() for name, t in module.items()}
+        from deepspeed.utils import zero_to_fp32
+
+        with _weights_only_loads(zero_to_fp32), open(os.devnull, "w") as quiet, \
+                contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # its progress bars
+            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+        return {name: t.float().contiguous() for name, t in state.items()}
+    except ExportError:
+        raise
+    except Exception as exc:  # truncated files, missing rank partitions, pickles that are not weights
+        raise ExportError(f"{tag_dir}: cannot consolidate this ZeRO stage-{stage} checkpoint ({type(exc).__name__}: "
+                          f"{exc})") from None
+
+
+def _load_deepspeed(folder: Path, tag: str, device, dtype) -> LoadedCheckpoint:
+    from rdhpc.config import config_from_checkpoint
+
+    tag_dir = folder / tag
+    config_file = tag_dir / STATE_DIR / "config.yaml"
+    if not config_file.is_file():
+        raise ExportError(f"{config_file}: not found (rdhpc writes the run config into every checkpoint; "
+                          "without it the model shape is unknown)")
+    run = config_from_checkpoint(tag_dir / STATE_DIR)
+    state = consolidated_state_dict(folder, tag)
+    model = _model_with_state(run.model, state, str(tag_dir), device, dtype)
+    step = None
+    trainer_state = tag_dir / STATE_DIR / "trainer_state.json"
+    if trainer_state.is_file():
+        step = json.loads(trainer_state.read_text()).get("step")
+    return LoadedCheckpoint(model, "deepspeed", tag_dir, step, run, _tokenizer_of_run(run))
+
+
+def _tokenizer_of_run(run) -> str | None:
+    """The tokenizer recorded in the manifest of the run's training shards, if it is still there."""
+    if run is None or not run.data.train_dir:
+        return None
+    manifest = Path(run.data.train_dir) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    path = json.loads(manifest.read_text()).get("tokenizer", {}).get("path")
+    return path if path and Path(path).is_file() else None
+
+
+def _model_with_state(config: ModelConfig, state: dict, source: str, device, dtype) -> RecurrentDepthModel:
+    with torch.device("meta"):
+        model = RecurrentDepthModel(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ExportError(f"{source}: tensors do not match the config's model (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]})")
+    for name, ref in expected.items():
+        if tuple(state[name].shape) != tuple(ref.shape):
+            raise ExportError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, the config implies "
+                              f"{tuple(ref.shape)}")
+    model = model.to_empty(device=device)
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype) if dtype is not None else model
+
+
+# ---- one safetensors file with its config -----------------------------------------------------------
+
+def save_safetensors(model: RecurrentDepthModel, path: str | Path, run_config=None, step: int | None = None,
+                     source: str | None = None, tokenizer: str | None = None,
+                     dtype: torch.dtype | None = None) -> Path:
+    """One file: every tensor under our own names, the model config (JSON) and, when known, the run
+    config (YAML), step, source checkpoint and tokenizer path in the safetensors metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or next(model.parameters()).dtype
+    tensors = {name: t.detach().to(dtype).contiguous().cpu() for name, t in model.state_dict().items()}
+    metadata = {"format": "pt", META_MODEL_CONFIG: json.dumps(model.config.to_dict())}
+    if run_config is not None:
+        from rdhpc.config import config_to_yaml
+
+        metadata[META_RUN_CONFIG] = config_to_yaml(run_config)
+    if step is not None:
+        metadata[META_STEP] = str(step)
+    if source is not None:
+        metadata[META_SOURCE] = str(source)
+    if tokenizer is not None:
+        metadata[META_TOKENIZER] = str(tokenizer)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def _load_safetensors(path: Path, device, dtype) -> LoadedCheckpoint:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own types for bad headers
+        raise ExportError(f"{path}: not a readable safetensors file ({exc})") from None
+    if META_MODEL_CONFIG not in metadata:
+        raise ExportError(f"{path}: no {META_MODEL_CONFIG!r} in its metadata (not written by `rdhpc export`; "
+                          "for the released layout pass its folder)")
+    try:
+        config = ModelConfig(**json.loads(metadata[META_MODEL_CONFIG]))
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: bad {META_MODEL_CONFIG} metadata ({exc})") from None
+    problems = config.problems()
+    if problems:
+        raise ExportError(f"{path}: {META_MODEL_CONFIG}: " + "; ".join(problems))
+    run = None
+    if META_RUN_CONFIG in metadata:
+        import yaml
+
+        from rdhpc.config import config_from_dict
+
+        run = config_from_dict(yaml.safe_load(metadata[META_RUN_CONFIG]), source=f"{path} ({META_RUN_CONFIG})")
+    model = _model_with_state(config, state, str(path), device, dtype)
+    step = int(metadata[META_STEP]) if META_STEP in metadata else None
+    tokenizer = metadata.get(META_TOKENIZER)
+    if tokenizer and not Path(tokenizer).is_file():
+        tokenizer = None
+    return LoadedCheckpoint(model, "safetensors", path, step, run, tokenizer)
+
+
+# ---- any kind ----------------------------------------------------------------------------------------
+
+def checkpoint_kind(path: str | Path) -> str:
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return "safetensors"
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        return "huginn"
+    if path.exists() and resolve_deepspeed(path) is not None:
+        return "deepspeed"
+    if not path.exists():
+        raise ExportError(f"{path}: no such file or folder")
+    raise ExportError(f"{path}: not a checkpoint (expected a DeepSpeed checkpoint folder with '{LATEST}', a "
+                      f"stepNNNNNNNN tag folder, a run folder, a .safetensors file from `rdhpc export`, or a "
+                      f"folder with {CONFIG_FILE} + {WEIGHTS_FILE})")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> LoadedCheckpoint:
+    """The model of any checkpoint kind, in eval mode, with what is known about its run."""
+    path = Path(path)
+    kind = checkpoint_kind(path)
+    if kind == "safetensors":
+        loaded = _load_safetensors(path, device, dtype)
+    elif kind == "huginn":
+        model = load_huginn(path, device=device, dtype=dtype)
+        tokenizer = path / TOKENIZER_FILE
+        loaded = LoadedCheckpoint(model, "huginn", path, tokenizer=str(tokenizer) if tokenizer.is_file() else None)
+    else:
+        folder, tag = resolve_deepspeed(path)
+        loaded = _load_deepspeed(folder, tag, device, dtype)
+    loaded.model.eval()
+    return loaded
+
+
+def export_checkpoint(source: str | Path, out: str | Path, fmt: str = "safetensors",
+                      dtype: str | None = None, tokenizer: str | Path | None = None, log=print) -> Path:
+    """Convert any checkpoint kind to `fmt` ('safetensors': one file; 'huginn': config.json +
+    model.safetensors, plus tokenizer.json when the tokenizer is known)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format: unknown format {fmt!r}; choose one of {list(FORMATS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"--dtype: unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+    loaded = load_checkpoint(source)
+    tokenizer = str(tokenizer) if tokenizer else loaded.tokenizer
+    torch_dtype = DTYPES[dtype] if dtype else None
+    out = Path(out)
+    if fmt == "safetensors":
+        if out.suffix != ".safetensors":
+            raise ExportError(f"--out: {out} should end in .safetensors")
+        save_safetensors(loaded.model, out, loaded.run_config, loaded.step, str(loaded.path), tokenizer, torch_dtype)
+    else:
+        save_huginn(loaded.model, out, dtype=torch_dtype)
+        if tokenizer:
+            shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
+    counts = loaded.model.parameter_counts()
+    log(f"[export] {loaded.kind} checkpoint {loaded.path}"
+        + (f" (step {loaded.step})" if loaded.step is not None else "")
+        + f": {counts['total']:,} parameters -> {out} ({fmt}"
+        + (f", {dtype}" if dtype else "") + (", with its tokenizer" if tokenizer and fmt == "huginn" else "") + ")")
+    return out
+
+
+# ---- starting a run from existing weights -------------------------------------------------------------
+
+SHAPE_FIELDS = ("padded_vocab_size", "hidden_size", "num_heads", "intermediate_size",
+                "num_prelude_layers", "num_core_layers", "num_coda_layers", "qk_bias", "tie_embeddings",
+                "block_type", "injection_type", "norm_type")
+
+
+def load_initial_weights(model: RecurrentDepthModel, path: str | Path, log=print) -> LoadedCheckpoint:
+    """Copy the weights of any checkpoint kind (e.g. the released Huginn weights) into `model`, in
+    place, before deepspeed.initialize: the starting point of continued pretraining. The shapes must
+    be the run's (`model.*` keys that change a tensor); depth settings such as mean_recurrence may
+    differ and the run's own apply. Optimizer state and step start fresh."""
+    where = f"checkpoint.init_from = {path}"
+    try:
+        loaded = load_checkpoint(path)
+    except UserError as exc:
+        raise ExportError(f"{where}: {exc}") from None
+    source = loaded.model.config
+    ours = model.config
+    differ = [f"model.{k}: run has {getattr(ours, k)!r}, checkpoint has {getattr(source, k)!r}"
+              for k in SHAPE_FIELDS if getattr(ours, k) != getattr(source, k)]
+    if differ:
+        raise ExportError(f"{where}: the checkpoint's shape differs from the run's:\n  " + "\n  ".join(differ))
+    state = loaded.model.state_dict()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(state[name].to(tensor.dtype))
+    log(f"[train] initial weights from {loaded.kind} checkpoint {loaded.path}"
+        + (f" (step {loaded.step})" if loaded.step is not None else ""))
+    return loaded
