@@ -12,13 +12,7 @@ import argparse
 import sys
 
 # Subcommands that belong to the pipeline but are not built yet: (name, what it will do, issue).
-PLANNED = [
-    ("eval", "validation loss against recurrence depth", 5),
-    ("generate", "adaptive-depth generation with a KV cache", 5),
-    ("export", "ZeRO checkpoint -> safetensors / the released Huginn layout", 5),
-    ("plan", "parameters, FLOPs, memory and time of a run", 5),
-    ("tensorboard", "serve a run's TensorBoard on a free local port", 5),
-]
+PLANNED: list[tuple[str, str, int]] = []
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True):
@@ -106,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep.cli import add_prep_parser
 
     add_prep_parser(sub)
+
+    from rdhpc.cli_tools import add_tool_parsers  # eval, generate, export, plan, tensorboard
+
+    add_tool_parsers(sub)
 
     from rdhpc.launch.slurm import add_submit_parser
 
