@@ -326,6 +326,15 @@ class Trainer:
             self.stop_reason = f"time budget ({STOP_AT}={self.stop_at:.0f})"
         return self.stop_reason is not None
 
+    def _handle_requests(self) -> bool:
+        """Cool-down and stop requests, agreed by all ranks; True when the run must stop now."""
+        self.heartbeat.progress(self.step, "requests")
+        cooldown, stop = self._any_rank((self.run_dir / COOLDOWN_REQUEST).exists(), self._stop_requested_here())
+        if cooldown and self.cooldown_start is None:
+            self.cooldown_start = self.step
+            self.log(f"[train] cool-down requested: the learning rate decays from step {self.step}")
+        return stop
+
     def train(self) -> TrainResult:
         run, tc = self.run, self.run.train
         result = TrainResult(losses=[])
@@ -333,21 +342,12 @@ class Trainer:
         tokens_per_step = tc.global_batch_size * run.model.max_seq_len
         window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
         last_saved = self.step if self.resume_point else None
-        for step_batches in self.loader:
+        # Requests are handled between steps, never with a batch taken from the loader and not
+        # trained on: the checkpoint's loader position must be exactly the steps done.
+        stop = self._handle_requests()
+        for step_batches in ([] if stop else self.loader):
             if self.step >= tc.max_steps:
                 break
-            self.heartbeat.progress(self.step + 1, "requests")
-            cooldown, stop = self._any_rank((self.run_dir / COOLDOWN_REQUEST).exists(), self._stop_requested_here())
-            if stop:
-                result.stop_reason = self.stop_reason or "another rank's stop request"
-                self.log(f"[train] stopping at step {self.step}: {result.stop_reason}")
-                if last_saved != self.step:
-                    self.save_checkpoint()
-                result.step = self.step
-                return result
-            if cooldown and self.cooldown_start is None:
-                self.cooldown_start = self.step
-                self.log(f"[train] cool-down requested: the learning rate decays from step {self.step}")
             lr = self.schedule(self.step, self.cooldown_start)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -404,6 +404,16 @@ class Trainer:
             if self.step % run.checkpoint.interval == 0 or self.step == tc.max_steps:
                 self.save_checkpoint()
                 last_saved = self.step
+            if self.step < tc.max_steps and self._handle_requests():
+                stop = True
+                break
+        if stop:
+            result.stop_reason = self.stop_reason or "another rank's stop request"
+            self.log(f"[train] stopping after step {self.step}: {result.stop_reason}")
+            if last_saved != self.step:
+                self.save_checkpoint()
+            result.step = self.step
+            return result
         if self.step < tc.max_steps and losses and last_saved != self.step:
             self.log(f"[train] the training data ran out at step {self.step} (data.on_exhausted = stop)")
             self.validate()
