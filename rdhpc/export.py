@@ -241,7 +241,8 @@ def _load_safetensors(path: Path, device, dtype) -> LoadedCheckpoint:
         from rdhpc.config import config_from_dict
 
         run = config_from_dict(yaml.safe_load(metadata[META_RUN_CONFIG]), source=f"{path} ({META_RUN_CONFIG})")
-    model = _model_with_state(config, state, str(path), device, dtype)
+    stored_dtype = next(iter(state.values())).dtype if state else None
+    model = _model_with_state(config, state, str(path), device, dtype or stored_dtype)  # as stored by default
     step = int(metadata[META_STEP]) if META_STEP in metadata else None
     tokenizer = metadata.get(META_TOKENIZER)
     if tokenizer and not Path(tokenizer).is_file():
