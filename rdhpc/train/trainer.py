@@ -390,8 +390,8 @@ class Trainer:
             losses.append(loss)
             if self.ranks.is_main:  # one line per step: what tests and reports read back
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": self.step, "loss": loss, "lr": lr,
-                                        "recurrence": [n_no_grad, n_grad]}) + "\n")
+                    f.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "recurrence": [n_no_grad, n_grad],
+                                        "time": round(time.time(), 4)}) + "\n")
             window_tokens += tokens_per_step
             window_flops += tokens_per_step * flops_per_token(run.model, run.model.max_seq_len, n_no_grad, n_grad)
             if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
