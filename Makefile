@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[mpi,test]"
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[mpi,test,eval]"
 	touch $(STAMP)
 
 demo: $(STAMP)

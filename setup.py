@@ -34,6 +34,8 @@ setup(
         # MPI rank discovery; the PyPI MPICH brings its own mpirun.
         "mpi": ["mpi4py>=3.1", "mpich"],
         "test": ["pytest>=7", "pytest-timeout"],
+        # lm-evaluation-harness for `python -m rdhpc.eval.lm_eval_adapter` (brings datasets, pandas, scikit-learn)
+        "eval": ["lm_eval>=0.4.13,<0.5"],
     },
     entry_points={"console_scripts": ["rdhpc=rdhpc.cli:main"]},
 )
