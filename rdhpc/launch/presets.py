@@ -77,7 +77,10 @@ class ClusterPreset:
     """Fixed-size gradient reduction (the paper's RCCL workaround): DeepSpeed's reduce and
     allgather bucket sizes in MB of float32; None leaves the run config's."""
     stop_margin_s: int = 300
-    """The run checkpoints and stops this long before the time limit; Slurm's USR2 is asked for then too."""
+    """The run checkpoints and stops this long before the time limit (RDHPC_STOP_AT)."""
+    signal_margin_s: int | None = None
+    """Slurm's warning signal (USR2) this long before the limit; None: stop_margin_s. Slurm sends it up
+    to a minute early, so on very short jobs (tests) keep it below stop_margin_s."""
     staging: StagingPreset = field(default_factory=StagingPreset)
 
     @property
@@ -171,6 +174,9 @@ def _problems(p: ClusterPreset) -> list[str]:
 
     if p.gpu_vendor not in GPU_VENDORS:
         out.append(f"gpu_vendor: unknown value {p.gpu_vendor!r}; choose one of {list(GPU_VENDORS)}")
+    if p.signal_margin_s is not None and typed("signal_margin_s", p.signal_margin_s, int, "an integer") \
+            and p.signal_margin_s < 1:
+        out.append(f"signal_margin_s: must be >= 1, got {p.signal_margin_s}")
     for name in ("tasks_per_node", "cpus_per_task", "stop_margin_s"):
         if typed(name, getattr(p, name), int, "an integer") and getattr(p, name) < 1:
             out.append(f"{name}: must be >= 1, got {getattr(p, name)}")

@@ -18,8 +18,8 @@ Segments, preemption and time limits (the paper ran 21 segments of up to 12 h):
   SIGUSR2 `stop_margin_s` before the limit (`--signal=USR2@margin`, what submitit does). Whichever
   comes first, the trainer's own handler (it replaces submitit's once set-up runs) makes every rank
   save a checkpoint at the next step boundary, and train() returns `completed=False`.
-- The task then requeues its own job (`scontrol requeue`, rank 0 only) and waits to be stopped; it
-  writes no result, so submitit's `job.result()` keeps waiting across segments. The requeued job
+- The task then requeues its own job (`scontrol requeue`, rank 0 only) and exits without a result,
+  so submitit's `job.result()` keeps waiting across segments. The requeued job
   keeps its id, reruns the same pickled task, and the trainer resumes from the latest complete
   checkpoint (checkpoint.resume = auto). SLURM_RESTART_COUNT bounds the chain (slurm.max_segments).
 - A signal during start-up, before the trainer took over, reaches submitit's handler, which calls
@@ -117,7 +117,7 @@ def plan_job(preset_name: str, slurm, kind: str, run_dir: Path | None, folder: P
         if value is not None:
             problems += [f"slurm.{key}: {m}" for m in check_sbatch_value(str(value))]
     problems += [f"slurm.job_name: {m}" for m in check_job_name(slurm.job_name)]
-    time_s = slurm_time_seconds(slurm.time)
+    time_s = 60 * max(1, math.ceil(slurm_time_seconds(slurm.time) / 60))  # Slurm counts whole minutes
     margin = slurm.stop_margin_s if slurm.stop_margin_s is not None else preset.stop_margin_s
     if margin >= time_s:
         problems.append(f"slurm.stop_margin_s: {margin} s is not shorter than slurm.time = {slurm.time} "
@@ -170,7 +170,8 @@ def setup_lines(plan: JobPlan) -> list[str]:
     lines.append("unset " + " ".join(STALE_RANK_VARIABLES))
     lines += [export_line(name, value) for name, value in plan.env.items()]
     lines.append("# checkpoint and stop before the time limit (the same margin as Slurm's USR2 warning)")
-    lines.append(f"export RDHPC_STOP_AT=$(( $(date +%s) + {plan.time_s} - {plan.stop_margin_s} ))")
+    # Slurm keeps time limits in whole minutes: the limit the job really has
+    lines.append(f"export RDHPC_STOP_AT=$(( $(date +%s) + {plan.time_minutes * 60} - {plan.stop_margin_s} ))")
     if plan.staging:
         s = p.staging
         dest = quote_env_value(s.dest)
@@ -195,7 +196,7 @@ def submitit_parameters(plan: JobPlan) -> dict:
         "ntasks_per_node": plan.tasks_per_node,
         "cpus_per_task": plan.cpus_per_task,
         "time": plan.time_minutes,
-        "signal_delay_s": plan.stop_margin_s,
+        "signal_delay_s": min(plan.preset.signal_margin_s or plan.stop_margin_s, plan.stop_margin_s),
         "setup": setup_lines(plan),
         # one failing rank ends the step instead of leaving the others in a collective
         "srun_args": ["--kill-on-bad-exit=1", *plan.preset.srun_args],
@@ -233,8 +234,8 @@ def dry_run_text(plan: JobPlan) -> str:
     out.append(render_script(plan))
     out += ["", "# environment of every rank: the submitting shell's (sbatch --export=ALL), without",
             "#   " + " ".join(STALE_RANK_VARIABLES), "# and with:"]
-    out += [f"#   {name}={value}" for name, value in plan.env.items()]
-    out += ["#   RDHPC_STOP_AT=<job start + %d s - %d s>" % (plan.time_s, plan.stop_margin_s),
+    out += [f"#   {name}={value if value.isprintable() else repr(value)}" for name, value in plan.env.items()]
+    out += ["#   RDHPC_STOP_AT=<job start + %d s - %d s>" % (plan.time_minutes * 60, plan.stop_margin_s),
             "#   per rank, set in Python: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE from SLURM_PROCID, "
             "SLURM_STEP_NUM_TASKS, SLURM_LOCALID; MASTER_ADDR = first node of SLURM_JOB_NODELIST, "
             "MASTER_PORT = 15000 + job id % 15000"]
@@ -269,19 +270,21 @@ def _prepare_rank(max_segments: int):
     return ranks, segment
 
 
-def _requeue_and_wait(ranks, reason: str, wait_s: float = 300.0):
-    """Rank 0 requeues the job; every rank then waits to be ended by Slurm, writing no result, so
-    the submitter keeps waiting for the next segment. If the requeue does not happen, fail loudly."""
+def _requeue_and_exit(ranks, reason: str):
+    """Rank 0 requeues the job; then every rank exits without a result, so the submitter (submitit's
+    job.result(), `rdhpc submit --wait`) keeps waiting for the next segment. `scontrol requeue`
+    returns once slurmctld has taken the job back, so the job cannot end as COMPLETED meanwhile;
+    the other ranks' early exit (status 0) does not end the step while rank 0 runs. A refused
+    requeue is an error of rank 0: the job ends FAILED with the reason."""
     job_id = os.environ["SLURM_JOB_ID"]
     if ranks.is_main:
         _job_log(f"[slurm] stopped ({reason}): requeueing job {job_id} for the next segment")
         done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"scontrol requeue {job_id} failed: {done.stderr.strip() or done.stdout.strip()}")
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        time.sleep(1)
-    raise RuntimeError(f"job {job_id} was not requeued within {wait_s:.0f} s of the request")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    raise SystemExit(0)  # not an Exception: submitit writes no result for this segment
 
 
 class TrainTask:
@@ -302,13 +305,18 @@ class TrainTask:
                    "stop_reason": result.stop_reason, "last_loss": result.losses[-1] if result.losses else None}
         if result.completed:
             return summary
+        if not result.losses:
+            # Requeueing a segment that trained nothing would loop until max_segments: the time
+            # budget is shorter than start-up, or a stop request arrives at every start.
+            raise RuntimeError(f"rank {ranks.rank}: segment {segment} stopped before its first step "
+                               f"({result.stop_reason}); not requeued: is slurm.time shorter than start-up "
+                               f"plus slurm.stop_margin_s?")
         if segment >= self.max_segments:
             if ranks.is_main:
                 _job_log(f"[slurm] stopped at step {result.step} after {segment} segment(s): slurm.max_segments "
                          f"= {self.max_segments} reached, not requeued")
             return summary
-        _requeue_and_wait(ranks, result.stop_reason or "stop requested")
-        return summary  # not reached
+        _requeue_and_exit(ranks, result.stop_reason or "stop requested")
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption/timeout path (a signal before the trainer took over): requeue the
