@@ -133,7 +133,7 @@ def test_released_weights_start_a_run(tmp_path):
     assert model.config.mean_recurrence == 8  # the run's depth settings stay
 
     wider = RecurrentDepthModel(model_config_from_size("debug", hidden_size=128))
-    with pytest.raises(ExportError, match=r"checkpoint.init_from = .*huginn.*model.hidden_size: run has 128, "
+    with pytest.raises(ExportError, match=r"(?s)checkpoint.init_from = .*huginn.*model.hidden_size: run has 128, "
                                           r"checkpoint has 64"):
         load_initial_weights(wider, tmp_path / "huginn")
     with pytest.raises(ExportError, match="checkpoint.init_from = .*nowhere: .*no such file"):
