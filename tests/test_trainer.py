@@ -423,3 +423,20 @@ def test_checksums_are_verified_before_step_1_when_asked(tmp_path, shards):
     assert done.returncode == 2
     assert entry.file in done.stderr and "sha256" in done.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_continued_pretraining_from_released_layout_weights(tmp_path, shards, straight):
+    released = tmp_path / "released"
+    done = subprocess.run([sys.executable, "-m", "rdhpc.cli", "export", str(straight[0] / "checkpoints"),
+                           "--out", str(released), "--format", "huginn"], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "continued"
+    done = launch(None, shards, run_dir, "train.max_steps=1", f"checkpoint.init_from={released}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"initial weights from huginn checkpoint {released}" in done.stdout
+    # the same first batch as the reference run, now seen by weights trained for 8 steps
+    assert losses(run_dir)[1] < losses(straight[0])[1] - 0.05
+    # a resumed run takes its own checkpoint, not the initial weights again
+    done = launch(None, shards, run_dir, "train.max_steps=2", f"checkpoint.init_from={released}")
+    assert done.returncode == 0 and "initial weights from" not in done.stdout and "resumed from" in done.stdout

@@ -145,6 +145,12 @@ class Trainer:
         model = RecurrentDepthModel(run.model)
         self.heartbeat.progress(0, "resume point")
         self.resume_point = self._find_resume_point()
+        if run.checkpoint.init_from and self.resume_point is None:
+            # continued pretraining: start from other weights (e.g. the released model); a resumed
+            # run takes its own checkpoint instead
+            from rdhpc.export import load_initial_weights
+
+            load_initial_weights(model, run.checkpoint.init_from, log=self.log)
         self.ds_config = build_deepspeed_config(
             run, self.ranks.world_size, load_universal=bool(self.resume_point and self.resume_point.load_tag != self.resume_point.tag))
         self.heartbeat.progress(0, "initialize engine")
