@@ -201,7 +201,7 @@ def test_failing_rank_reports_failed_with_its_error(tmp_path, shards, slurm_clus
     job = job_id_of(done.stdout)
     status = rdhpc("status", job, env=env).stdout
     assert f"job {job}: FAILED" in status
-    assert "error of task 1 (rank 1)" in status and "failing on purpose" in status, status
+    assert "error of task 1 (rank 1): RuntimeError: rank 1: failing on purpose" in status, status
     assert time.monotonic() - started < 60  # rank 0 did not wait for its dead peer's rendezvous
 
 
@@ -265,3 +265,196 @@ def test_prep_stage_as_two_task_job_matches_local_run(tmp_path, shards, slurm_cl
         assert (out / name).read_bytes() == (shards / "shards" / name).read_bytes(), name
     ours, theirs = (json.loads((d / "manifest.json").read_text())["shards"] for d in (out, shards / "shards"))
     assert ours == theirs
+
+
+# ---- what the GPU clusters get: dry-run scripts ---------------------------------------------------
+def sbatch_options(script: str) -> dict[str, str]:
+    out = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].partition("=")
+            out[key] = value or True
+    return out
+
+
+def exports(script: str) -> dict[str, str]:
+    """Run the script's export lines in bash and read the values back (quoting checked for real)."""
+    block = script[script.index("\nunset "):script.index("# checkpoint and stop")]  # values may span lines
+    names = re.findall(r"^export ([A-Za-z_][A-Za-z0-9_]*)=", block, flags=re.M)
+    probe = block + "\n" + "".join(f'printf "%s\\0" "${n}"\n' for n in names)
+    done = subprocess.run(["bash", "-c", probe], capture_output=True, timeout=30,
+                          env={"PATH": os.environ["PATH"], "USER": "alice", "LD_LIBRARY_PATH": "/usr/lib"})
+    assert done.returncode == 0, done.stderr
+    return dict(zip(names, done.stdout.decode().split("\0")))
+
+
+def test_dry_run_frontier_has_what_frontier_needs(tmp_path):
+    weird = "it's $(touch /tmp/pwned) `x` \"q\" \\ ;|&\n2nd line"
+    done = rdhpc("submit", "configs/huginn-3.5b-frontier.yaml", "--cluster", "frontier", "--nodes", "512",
+                 "--account", "ABC123", "--time", "12:00:00", "--set", "data.train_dir=/lustre/orion/shards",
+                 "--set", f"logging.run_dir={tmp_path / 'run'}", "--env",
+                 "LD_LIBRARY_PATH=/opt/aws-ofi-rccl/lib:${LD_LIBRARY_PATH}", "--env", f"WEIRD={weird}", "--dry-run")
+    text = done.stdout
+    script = text[text.index("#!/bin/bash"):text.index("# environment of every rank")]
+    opts = sbatch_options(script)
+    # the spec's launch: srun -N 512 -n 4096 -c7 --ntasks-per-node=8 --gpus-per-node=8
+    assert (opts["nodes"], opts["ntasks-per-node"], opts["gpus-per-node"], opts["cpus-per-task"]) == ("512", "8", "8", "7")
+    assert opts["account"] == "ABC123" and opts["partition"] == "batch" and opts["time"] == "720"
+    assert opts["signal"] == "USR2@300" and opts["requeue"] is True and opts["open-mode"] == "append"
+    assert "4096 rank(s)" in text and "backend nccl" in text
+    for module in ("PrgEnv-gnu", "rocm/6.2.0", "craype-accel-amd-gfx90a", "cray-mpich"):
+        assert f"module load {module}\n" in script
+    env = exports(script)
+    assert {k: env[k] for k in ("MPICH_GPU_SUPPORT_ENABLED", "HSA_FORCE_FINE_GRAIN_PCIE", "FI_CXI_ATS",
+                                "NCCL_NET_GDR_LEVEL", "NCCL_SOCKET_IFNAME", "NCCL_CROSS_NIC", "OMP_NUM_THREADS")} == {
+        "MPICH_GPU_SUPPORT_ENABLED": "0", "HSA_FORCE_FINE_GRAIN_PCIE": "1", "FI_CXI_ATS": "0",
+        "NCCL_NET_GDR_LEVEL": "3", "NCCL_SOCKET_IFNAME": "hsn", "NCCL_CROSS_NIC": "1", "OMP_NUM_THREADS": "7"}
+    assert env["LD_LIBRARY_PATH"] == "/opt/aws-ofi-rccl/lib:/usr/lib"  # ${NAME} expands
+    assert env["WEIRD"] == weird and not Path("/tmp/pwned").exists()  # everything else is literal
+    assert "unset RANK LOCAL_RANK WORLD_SIZE" in script and "MASTER_ADDR" in script.split("unset ")[1]
+    assert "RDHPC_STOP_AT=$(( $(date +%s) + 43200 - 300 ))" in script
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in srun and "submitit.core._submit" in srun
+    # the paper's fixed 64 MB reduction chunks, as DeepSpeed bucket sizes
+    assert "zero.reduce_bucket_size=16777216 zero.allgather_bucket_size=16777216 zero.overlap_comm=false" in text
+    assert subprocess.run(["bash", "-n"], input=script, text=True, timeout=30).returncode == 0
+
+
+def test_dry_run_nvidia_and_staging(tmp_path):
+    done = rdhpc("submit", "configs/debug.yaml", "--cluster", "nvidia", "--nodes", "4", "--partition", "gpu",
+                 "--time", "1-00:00:00", "--set", "data.train_dir=/data/shards", "--set",
+                 f"logging.run_dir={tmp_path / 'run'}", "--dry-run")
+    script = done.stdout[done.stdout.index("#!/bin/bash"):done.stdout.index("# environment of every rank")]
+    opts = sbatch_options(script)
+    assert (opts["nodes"], opts["ntasks-per-node"], opts["gpus-per-node"], opts["cpus-per-task"]) == ("4", "8", "8", "8")
+    assert opts["partition"] == "gpu" and opts["time"] == "1440" and "account" not in opts
+    env = exports(script)
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["OMP_NUM_THREADS"] == "8"
+    assert "32 rank(s)" in done.stdout and "backend nccl" in done.stdout and "module load" not in script
+    assert "reduce_bucket_size" not in done.stdout  # only the frontier preset fixes the buckets
+
+    # a user's own preset, no code change: Frontier with node-local staging switched on
+    import yaml
+
+    preset = yaml.safe_load((REPO / "slurm" / "clusters" / "frontier.yaml").read_text())
+    preset["staging"].update(enabled=True, archive="/lustre/orion/me/rdhpc-env.tar")
+    (tmp_path / "clusters").mkdir()
+    (tmp_path / "clusters" / "myfrontier.yaml").write_text(yaml.safe_dump(preset))
+    done = rdhpc("submit", "configs/debug.yaml", "--cluster", "myfrontier", "--account", "ABC123", "--set",
+                 "data.train_dir=/data/shards", "--set", f"logging.run_dir={tmp_path / 'run'}", "--dry-run",
+                 env=dict(os.environ, RDHPC_CLUSTERS_DIR=str(tmp_path / "clusters")))
+    script = done.stdout[done.stdout.index("#!/bin/bash"):done.stdout.index("# environment of every rank")]
+    assert sbatch_options(script)["constraint"] == "nvme"
+    assert "sbcast --force --preserve /lustre/orion/me/rdhpc-env.tar /mnt/bb/\"${USER}\"/rdhpc-env.tar" in script
+    srun = next(line for line in script.splitlines() if line.startswith("srun --unbuffered"))
+    assert '/mnt/bb/"${USER}"/venv/bin/python -u -m submitit.core._submit' in srun
+    assert subprocess.run(["bash", "-n"], input=script, text=True, timeout=30).returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--job-name", "my job"], "slurm.job_name: 'my job' cannot be a job name"),
+    (["--account", "abc\n#SBATCH --uid=0"], "cannot be passed to sbatch safely: it contains a newline"),
+    (["--partition", "gpu batch"], "slurm.partition: 'gpu batch' cannot be passed to sbatch safely: it contains a space"),
+    (["--log-dir", "/tmp/logs%x"], "slurm.folder: '/tmp/logs%x' cannot be used for Slurm's log files"),
+    (["--env", "1BAD=x"], "slurm.env[0]: '1BAD=x' is not NAME=VALUE"),
+    (["--time", "soon"], "slurm.time: 'soon' is not a Slurm time"),
+    (["--cluster", "frontiers"], "no preset 'frontiers' (did you mean 'frontier'?)"),
+    (["--time", "1", "--stop-margin", "60"], "slurm.stop_margin_s: 60 s is not shorter than slurm.time"),
+])
+def test_unsafe_or_wrong_values_are_refused(tmp_path, args, message):
+    done = rdhpc("submit", "configs/debug.yaml", "--set", "data.train_dir=/data", "--set",
+                 f"logging.run_dir={tmp_path}", "--dry-run", *args, check=False)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_quoting_and_presets_refuse_what_cannot_pass():
+    from rdhpc.launch.presets import PresetError, load_preset
+    from rdhpc.launch.quoting import QuotingError, export_line, quote_env_value
+
+    with pytest.raises(QuotingError, match="NUL"):
+        export_line("X", "a\0b")
+    with pytest.raises(QuotingError, match="valid environment variable name"):
+        export_line("X-Y", "1")
+    assert quote_env_value("${HOME}/x y") == '"${HOME}"\'/x y\''
+    assert quote_env_value("") == "''"
+    bad = Path(os.environ["TMPDIR"]) / "bad.yaml"
+    bad.write_text("tasks_per_node: eight\nmodules: ['rocm; rm -rf /']\nenv: {'A B': 1}\ngpu_vendr: amd\n")
+    with pytest.raises(PresetError) as err:
+        load_preset(str(bad))
+    text = str(err.value)
+    assert "tasks_per_node: expected an integer" in text and "modules[0]" in text and "'A B'" in text
+    assert "gpu_vendr: unknown key (did you mean 'gpu_vendor'?)" in text
+
+
+# ---- rank discovery ---------------------------------------------------------------------------------
+def test_hostlist_and_master_address():
+    from rdhpc.distributed.ranks import RankInfo, discover_ranks, expand_hostlist, master_address
+
+    assert expand_hostlist("frontier[00001-00003,00007],login1") == [
+        "frontier00001", "frontier00002", "frontier00003", "frontier00007", "login1"]
+    assert expand_hostlist("n[1-2]-ib[3-4]") == ["n1-ib3", "n1-ib4", "n2-ib3", "n2-ib4"]
+    # srun task 9 of 16 on the second of 2 nodes: rank from Slurm, master = FIRST node, port from the job id
+    env = {"SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+           "SLURM_STEP_NODELIST": "frontier[08841-08842]", "SLURM_JOB_NODELIST": "frontier[08841-08842]",
+           "SLURM_JOB_ID": "2042"}
+    ranks = discover_ranks(env)
+    assert ranks == RankInfo(9, 16, 1, 8, "slurm")
+    assert master_address(ranks, env) == ("frontier08841", 15000 + 2042, "slurm")
+    # an explicit rendezvous (torchrun) is kept; one process alone stays on loopback
+    assert master_address(RankInfo(0, 2, 0, 2, "torchrun"), {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4242"})[:2] == (
+        "10.0.0.1", 4242)
+    assert master_address(RankInfo(0, 1, 0, 1, "single"), {})[0] == "127.0.0.1"
+
+
+def test_mpi_launch_discovers_ranks_and_master(tmp_path):
+    """Two ranks under the venv's own mpirun (PyPI MPICH): ranks from MPI, one node -> loopback."""
+    mpirun = Path(sys.executable).parent / "mpirun"
+    code = ("from rdhpc.distributed import discover_ranks, master_address; r = discover_ranks(); "
+            "a = master_address(r, {}); print(r.rank, r.world_size, r.launcher, a[0], a[1], flush=True)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    done = subprocess.run([str(mpirun), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    rows = sorted(line.split() for line in done.stdout.splitlines())
+    assert [r[:4] for r in rows] == [["0", "2", "mpi", "127.0.0.1"], ["1", "2", "mpi", "127.0.0.1"]]
+    assert rows[0][4] == rows[1][4]  # the same port on both: broadcast from rank 0
+
+
+# ---- pre-flight -------------------------------------------------------------------------------------
+PREFLIGHT = """
+import json, os, sys
+import torch, torch.distributed as dist
+from rdhpc.distributed import discover_ranks, export_process_group_env
+from rdhpc.distributed.preflight import run_preflight
+ranks = discover_ranks()
+export_process_group_env(ranks)
+dist.init_process_group("gloo")
+lines = []
+report = run_preflight(torch.device("cpu"), ranks, log=lines.append)
+if ranks.rank == 0:
+    print(json.dumps({"report": report, "log": lines}))
+dist.destroy_process_group()
+"""
+
+
+def test_preflight_on_two_gloo_ranks_names_a_slow_rank(tmp_path):
+    from rdhpc.launch.local import free_port
+
+    script = tmp_path / "preflight.py"
+    script.write_text(PREFLIGHT)
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port), RDHPC_FAULT_SLOW_RANK="1:8", OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    result = json.loads(outs[0][0])
+    report, log = result["report"], "\n".join(result["log"])
+    assert [r["rank"] for r in report["ranks"]] == [0, 1] and all("cpu" in r["device"] for r in report["ranks"])
+    assert [a["bytes"] for a in report["allreduce"]] == [64 << 10, 1 << 20, 4 << 20]
+    assert all(a["busbw_gbps"] > 0 and a["seconds"] > 0 for a in report["allreduce"])
+    assert report["slow_ranks"] == [1]  # its GEMM does 8x the work it counts
+    assert "all-reduce 1 MB:" in log and "GEMM 256x256 float32" in log
+    assert re.search(r"SLOW: rank 1 \(\S+, cpu cpu .*\) runs GEMM at .* 0\.\d\dx the median", log), log

@@ -508,11 +508,13 @@ def format_status(status: dict) -> str:
         rs = status["run_state"]
         lines.append(f"  run: {rs.get('state')} at step {rs.get('step')}"
                      + (f" ({rs['reason']})" if rs.get("reason") else ""))
+        if rs.get("error"):
+            lines.append(f"  run error: {rs['error'].splitlines()[0]}")
     if status.get("last_step") is not None:
         lines.append(f"  last step {status['last_step']}, loss {status['last_loss']:.4f}")
     for task, text in status.get("errors", []):
-        lines.append(f"  error of task {task} (rank {task}):")
-        lines += [f"    {line}" for line in text.splitlines()]
+        lines.append(f"  error of task {task} (rank {task}): {text.splitlines()[-1]}")
+        lines += [f"    {line}" for line in text.splitlines()[:-1]]
     if record.get("logs"):
         lines.append(f"  logs: {record['logs'][0]}" + (f" (and {len(record['logs']) - 1} more)" if len(record['logs']) > 1 else ""))
         lines.append(f"  errors: {record['errors'][0]}")
