@@ -458,3 +458,33 @@ def test_preflight_on_two_gloo_ranks_names_a_slow_rank(tmp_path):
     assert report["slow_ranks"] == [1]  # its GEMM does 8x the work it counts
     assert "all-reduce 1 MB:" in log and "GEMM 256x256 float32" in log
     assert re.search(r"SLOW: rank 1 \(\S+, cpu cpu .*\) runs GEMM at .* 0\.\d\dx the median", log), log
+
+
+# ---- plain sbatch templates (no submitit) ------------------------------------------------------------
+def test_sbatch_templates_are_generated_from_the_presets():
+    from rdhpc.launch.templates import PRESETS, TEMPLATES, render_template
+
+    for name in PRESETS:
+        assert (TEMPLATES / f"{name}.sbatch").read_text() == render_template(name), \
+            f"slurm/templates/{name}.sbatch is stale: run python -m rdhpc.launch.templates"
+    frontier = (TEMPLATES / "frontier.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=8\n#SBATCH --cpus-per-task=7\n#SBATCH --gpus-per-node=8" in frontier
+    assert "export NCCL_SOCKET_IFNAME=hsn" in frontier and "module load rocm/6.2.0" in frontier
+
+
+def test_plain_sbatch_template_trains_on_two_tasks(tmp_path, shards, slurm_cluster):
+    run_dir = tmp_path / "plain"
+    args = train_args(shards, run_dir, "train.max_steps=4")
+    env = job_env(tmp_path, RDHPC_PYTHON=sys.executable)
+    done = subprocess.run(["sbatch", "--parsable", "--time=10", f"--output={tmp_path}/plain-%j.out",
+                           str(REPO / "slurm" / "templates" / "local.sbatch"), args[0], *args[3:]],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().split(";")[0]
+    from rdhpc.launch.slurm import wait_for_job
+
+    state = wait_for_job(job, timeout=JOB_TIMEOUT)
+    out = (tmp_path / f"plain-{job}.out").read_text()
+    assert state == "COMPLETED", out[-3000:]
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]
+    assert "2 rank(s) (cpu)" in out and "run completed at step 4: not requeued" in out
