@@ -68,7 +68,7 @@ def cmd_launch_local(args) -> int:
 def cmd_demo(args) -> int:
     from rdhpc.demo import run_demo
 
-    return run_demo(args.run_dir, steps=args.steps, overrides=args.overrides)
+    return run_demo(args.run_dir, steps=args.steps, overrides=args.overrides, gpu=args.gpu, nproc=args.nproc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on an embedded default (what `make demo` runs)")
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--steps", type=int, default=None, help="training steps (default from configs/demo.yaml)")
+    p.add_argument("--gpu", action="store_true", help="train on this machine's GPUs in bf16, one rank per GPU")
+    p.add_argument("--nproc", type=int, default=None, help="ranks (default 2 on CPU, the GPU count with --gpu)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
