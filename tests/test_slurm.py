@@ -410,13 +410,14 @@ def test_hostlist_and_master_address():
 def test_mpi_launch_discovers_ranks_and_master(tmp_path):
     """Two ranks under the venv's own mpirun (PyPI MPICH): ranks from MPI, one node -> loopback."""
     mpirun = Path(sys.executable).parent / "mpirun"
-    code = ("from rdhpc.distributed import discover_ranks, master_address; r = discover_ranks(); "
-            "a = master_address(r, {}); print(r.rank, r.world_size, r.launcher, a[0], a[1], flush=True)")
+    code = ("import sys; from rdhpc.distributed import discover_ranks, master_address; r = discover_ranks(); "
+            "a = master_address(r, {}); "
+            "open(f'{sys.argv[1]}/rank{r.rank}', 'w').write(f'{r.rank} {r.world_size} {r.launcher} {a[0]} {a[1]}')")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
-    done = subprocess.run([str(mpirun), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, env=env)
+    done = subprocess.run([str(mpirun), "-n", "2", sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
-    rows = sorted(line.split() for line in done.stdout.splitlines())
+    rows = [(tmp_path / f"rank{r}").read_text().split() for r in range(2)]
     assert [r[:4] for r in rows] == [["0", "2", "mpi", "127.0.0.1"], ["1", "2", "mpi", "127.0.0.1"]]
     assert rows[0][4] == rows[1][4]  # the same port on both: broadcast from rank 0
 
