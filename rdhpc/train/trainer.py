@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,13 @@ class ResumePoint:
         return self.folder / self.tag
 
 
+def _quiet_deepspeed_deprecations():
+    """DeepSpeed 0.19 calls torch APIs that torch 2.13 marks deprecated, once per rank per call
+    site: noise in every log, nothing a user can act on."""
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor` is deprecated", category=FutureWarning)
+
+
 def _skip_deepspeed_shm_op():
     """deepspeed.initialize builds a shared-memory op used only for inference all-reduce on CPU; it
     compiles for 30-60 s. Training never uses it."""
@@ -123,6 +131,7 @@ class Trainer:
         else:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             _skip_deepspeed_shm_op()
+        _quiet_deepspeed_deprecations()
         self.heartbeat.start()
         self.heartbeat.progress(0, "init process group")
         self._init_distributed(backend="nccl" if use_cuda else "gloo")
