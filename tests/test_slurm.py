@@ -110,6 +110,7 @@ def test_two_task_training_job_runs_and_finishes(tmp_path, shards, slurm_cluster
     assert submitted in dry.stdout
     status = rdhpc("status", job, env=env).stdout
     assert "COMPLETED" in status and "last step 6" in status and "run: completed at step 6" in status
+    assert rdhpc("status", run_dir, env=env).stdout == status  # a run folder finds its latest job
     print(f"turnaround of a 6-step 2-task job: {turnaround:.1f} s")
 
 
@@ -458,7 +459,7 @@ def test_preflight_on_two_gloo_ranks_names_a_slow_rank(tmp_path):
     assert all(a["busbw_gbps"] > 0 and a["seconds"] > 0 for a in report["allreduce"])
     assert report["slow_ranks"] == [1]  # its GEMM does 8x the work it counts
     assert "all-reduce 1 MB:" in log and "GEMM 256x256 float32" in log
-    assert re.search(r"SLOW: rank 1 \(\S+, cpu cpu .*\) runs GEMM at .* 0\.\d\dx the median", log), log
+    assert re.search(r"SLOW: rank 1 \(\S+, cpu \(1 threads\)\) runs GEMM at .* 0\.\d\dx the median", log), log
 
 
 # ---- plain sbatch templates (no submitit) ------------------------------------------------------------

@@ -354,7 +354,10 @@ def submit(plan: JobPlan) -> dict:
     import submitit
 
     plan.folder.mkdir(parents=True, exist_ok=True)
-    executor = submitit.SlurmExecutor(folder=plan.folder, max_num_timeout=plan.max_segments, python=plan.python)
+    try:
+        executor = submitit.SlurmExecutor(folder=plan.folder, max_num_timeout=plan.max_segments, python=plan.python)
+    except RuntimeError as exc:  # no srun on PATH
+        raise SubmitError(f"no Slurm here ({exc}); `--dry-run` prints the script without submitting") from None
     executor.update_parameters(**submitit_parameters(plan))
     task = TrainTask(plan.config_path, plan.max_segments) if plan.kind == "train" else CommandTask(plan.command)
     try:
