@@ -163,19 +163,32 @@ def test_time_limit_stops_requeues_and_resumes_with_identical_losses(tmp_path, s
     print(f"\n{CHAIN_STEPS} steps in {segments} one-minute segments, {elapsed:.0f} s; losses identical")
 
 
-def test_outside_requeue_resumes_with_identical_losses(tmp_path, shards, uninterrupted, slurm_cluster):
-    # `scontrol requeue` from outside kills the running job (no warning): the next segment resumes
-    # from the last periodic checkpoint and redoes the steps after it
-    steps = 60
+def test_preemption_signal_and_outside_requeue_resume_with_identical_losses(tmp_path, shards, uninterrupted,
+                                                                              slurm_cluster):
+    # Segment 1 gets USR2 as a preemption warning (`scancel --signal=USR2`, what Slurm sends before a
+    # time limit or preemption): it checkpoints at the next step and requeues itself. Segment 2 is
+    # requeued from outside with `scontrol requeue`, a kill without warning: segment 3 resumes
+    # from the last periodic checkpoint and redoes the steps after it.
+    steps = 80
     run_dir = tmp_path / "requeued"
     env = job_env(tmp_path)
     sub = rdhpc("submit", *train_args(shards, run_dir, f"train.max_steps={steps}"), "--time", "10", env=env)
     job = job_id_of(sub.stdout)
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir)) >= 6):
-        assert time.monotonic() < deadline, "the first segment made no progress"
-        time.sleep(0.2)
-    killed_at = max(losses(run_dir))
+
+    def wait_for_step(step, segment):
+        deadline = time.monotonic() + JOB_TIMEOUT
+        log = run_dir / "slurm" / f"{job}_0_log.out"
+        while not (log.exists() and f"segment {segment}/" in log.read_text() and (run_dir / "metrics.jsonl").exists()
+                   and max(losses(run_dir)) >= step):
+            assert time.monotonic() < deadline, f"segment {segment} did not reach step {step}"
+            time.sleep(0.2)
+        return max(losses(run_dir))
+
+    signalled_at = wait_for_step(6, 1)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    wait_state(job, lambda i: i["restarts"] == 1)
+    resumed_at = json.loads((run_dir / "run_state.json").read_text())["step"]
+    killed_at = wait_for_step(resumed_at + 6, 2)
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
     from rdhpc.launch.slurm import wait_for_job
 
@@ -183,12 +196,13 @@ def test_outside_requeue_resumes_with_identical_losses(tmp_path, shards, uninter
     story = job_story(run_dir, job)
     assert state == "COMPLETED", story
     info = json.loads(rdhpc("status", job, "--json", env=env).stdout)
-    assert info["slurm"]["restarts"] == 1 and info["run_state"]["state"] == "completed", story
-    assert "segment 2/" in story and "resumed from" in story, story
+    assert info["slurm"]["restarts"] == 2 and info["run_state"]["state"] == "completed", story
+    assert "signal SIGUSR2" in story and story.count("requeueing job") == 1 and story.count("resumed from") == 2
     chained = losses(run_dir)
     assert sorted(chained) == list(range(1, steps + 1))
     assert chained == {s: uninterrupted[s] for s in range(1, steps + 1)}
-    print(f"\nouter requeue at step {killed_at}: resumed, losses identical")
+    print(f"\nUSR2 at step {signalled_at} (saved at {resumed_at}), outside requeue at step {killed_at}: "
+          f"losses identical")
 
 
 # ---- failures and cancellation are reported, nothing waits forever --------------------------------

@@ -562,7 +562,7 @@ def _cli_overrides(args) -> list[str]:
 
 
 def cmd_submit(args) -> int:
-    from rdhpc.config import ConfigError, config_from_dict, load_config, save_config
+    from rdhpc.config import ConfigError, config_from_dict, config_to_yaml, load_config
 
     prep = args.prep
     if prep is not None:
@@ -586,12 +586,14 @@ def cmd_submit(args) -> int:
             raise ConfigError(["data.train_dir: required for training (a folder made by `rdhpc prep shards`)"])
         run_dir = Path(run.logging.run_dir)
         plan = plan_job(run.slurm.cluster, run.slurm, "train", run_dir, args.log_dir or run.slurm.folder)
-        plan.config_path = plan.folder / CONFIG_SNAPSHOT
+        # one snapshot per submission: a pending or requeued job keeps its own config even when the
+        # same run folder is submitted again with other settings
+        plan.config_path = plan.folder / f"{CONFIG_SNAPSHOT[:-5]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.yaml"
         if not args.dry_run:
             # The job loads this resolved snapshot: every segment trains the config of submission
             # time, whatever happens to the YAML file meanwhile.
-            save_config(run, plan.folder)
-            (plan.folder / "config.yaml").replace(plan.config_path)
+            plan.folder.mkdir(parents=True, exist_ok=True)
+            plan.config_path.write_text(config_to_yaml(run))
     if args.dry_run:
         print(dry_run_text(plan), end="")
         return 0
