@@ -5,6 +5,11 @@ Order matters: torchrun sets RANK/WORLD_SIZE explicitly; an MPI launcher (mpirun
 MPICH or Open MPI, or `srun --mpi=pmi2`) is recognised by its PMI variables and asked through
 mpi4py; a Slurm step (srun) by SLURM_STEP_NUM_TASKS. A Slurm *batch script* is not a step: it is one
 process even when the job asked for many tasks, so SLURM_NTASKS alone never makes ranks.
+
+The rendezvous (master_address, export_process_group_env): an explicit MASTER_ADDR/PORT is kept;
+in a Slurm job it is the first node of the allocation with a port derived from the job id (every
+rank computes the same, no message); under MPI without Slurm rank 0's host and port are broadcast;
+otherwise loopback. Never the machine's external address, which DeepSpeed's own discovery picks.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ class JobPlan:
 
 
 def plan_job(preset_name: str, slurm, kind: str, run_dir: Path | None, folder: Path | None,
-             command: list[str] | None = None, user_overrides: list[str] = ()) -> JobPlan:
+             command: list[str] | None = None) -> JobPlan:
     """Combine the preset with the config's slurm section (whose values, when set, win) and check
     every value that will reach the script. Raises SubmitError / QuotingError naming the key."""
     from rdhpc.config.schema import slurm_time_seconds
