@@ -118,6 +118,9 @@ class TrainConfig:
     """A collective that waits longer fails on every rank (also bounds ZeRO's cloned groups)."""
     heartbeat_interval_s: float = 5.0
     """Every rank rewrites RUN_DIR/heartbeat/rank{r}.json this often; failures name silent ranks."""
+    preflight: bool = True
+    """At every start: each rank's device, a timed all-reduce per size and a timed GEMM per device,
+    reported in the log, naming a rank far below the median (rdhpc.distributed.preflight)."""
     stall_timeout_s: float = 1800.0
     """A rank whose training loop makes no progress this long ends itself (status 3), naming the
     ranks at fault; 0 disables. Keep it above collective_timeout_s and the longest checkpoint save."""

@@ -137,6 +137,13 @@ class Trainer:
         self._init_distributed(backend="nccl" if use_cuda else "gloo")
         import deepspeed
 
+        if run.train.preflight:
+            from rdhpc.distributed.preflight import run_preflight
+
+            self.heartbeat.progress(0, "pre-flight")
+            with torch.random.fork_rng(devices=[self.device] if use_cuda else []):  # training streams untouched
+                self.preflight = run_preflight(self.device, self.ranks, log=self.log)
+
         self.heartbeat.progress(0, "open shards")
         self.dataset = ShardDataset(run.data.train_dir, "train", seq_len=run.model.max_seq_len,
                                     verify_checksums=run.data.verify_checksums)
