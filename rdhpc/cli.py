@@ -12,9 +12,6 @@ import argparse
 import sys
 
 # Subcommands that belong to the pipeline but are not built yet: (name, what it will do, issue).
-PLANNED: list[tuple[str, str, int]] = []
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True):
     parser.add_argument("config", nargs=None if required else "?", help="YAML run configuration")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -111,16 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_submit_parser(sub)  # submit, status
 
-    for name, what, issue in PLANNED:
-        p = sub.add_parser(name, help=f"(not built yet: issue {issue}) {what}")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda args, name=name, issue=issue: _not_built(name, issue))
     return parser
-
-
-def _not_built(name: str, issue: int) -> int:
-    print(f"rdhpc {name}: not built yet (tracked in issue {issue}).", file=sys.stderr)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ position, the RNG state of every rank and the config; the `latest` pointer moves
 rank finished writing, so a run killed at any moment resumes from the last complete one. A run
 resumed on another number of ranks goes through DeepSpeed's universal checkpoint.
 
-Stopping early on purpose: SIGUSR1 or SIGUSR2 to any rank (Slurm's warning signal before the time
+Stopping early on purpose: SIGUSR1, SIGUSR2 or SIGTERM to any rank (Slurm's warning signal before the time
 limit or a preemption), or the time budget RDHPC_STOP_AT (unix seconds), make every rank save a
 checkpoint at the next step boundary and return; `RUN_DIR/run_state.json` then says "stopped", and a
 requeued job continues from there.
@@ -53,7 +53,11 @@ FAULT_NAN_STEPS = "RDHPC_FAULT_NAN_STEPS"
 COOLDOWN_REQUEST = "COOLDOWN"
 # Unix time at which the run saves a checkpoint and stops (the job's end minus a margin).
 STOP_AT = "RDHPC_STOP_AT"
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+# SIGTERM too: Slurm sends it at preemption (then SIGKILL after the partition's GraceTime) and at
+# `scancel`; within the grace the ranks save at the next step boundary. A rank blocked in a
+# collective never gets there and is killed as before: the `latest` pointer keeps the last complete
+# checkpoint either way.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 RUN_STATE = "run_state.json"
 UNIVERSAL_SUFFIX = "_universal"
 _TAG_PATTERN = "step[0-9]*"
@@ -132,6 +136,7 @@ class Trainer:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             _skip_deepspeed_shm_op()
         _quiet_deepspeed_deprecations()
+        self._install_stop_handlers()  # first: a warning signal during set-up is a stop request too
         self.heartbeat.start()
         self.heartbeat.progress(0, "init process group")
         self._init_distributed(backend="nccl" if use_cuda else "gloo")
@@ -187,7 +192,6 @@ class Trainer:
                 self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self.peak_tflops, peak_source = peak_tflops(self.device, torch.bfloat16 if run.train.precision == "bf16"
                                                     else torch.float32, run.train.peak_tflops_per_device)
-        self._install_stop_handlers()
         counts = model.parameter_counts()
         self.log(f"[train] MFU against {self.peak_tflops:.3g} TFLOP/s per device ({peak_source})")
         self.log(f"[train] {counts['total']:,} parameters on {self.ranks.world_size} rank(s) ({self.device.type}), "
@@ -201,10 +205,11 @@ class Trainer:
         timeout = datetime.timedelta(seconds=self.run.train.collective_timeout_s)
         # ZeRO clones the world group with torch's default timeout (30 min): bound that one too.
         dist.distributed_c10d.default_pg_timeout = timeout
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.update(RANK=str(self.ranks.rank), WORLD_SIZE=str(self.ranks.world_size),
-                          LOCAL_RANK=str(self.ranks.local_rank))
+        from rdhpc.distributed.ranks import export_process_group_env
+
+        # an explicit MASTER_ADDR/PORT is kept; under Slurm the allocation's first node, under MPI
+        # rank 0's address (broadcast), else loopback: never an external address picked by accident
+        export_process_group_env(self.ranks)
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)
 
     def _install_stop_handlers(self):
