@@ -8,7 +8,7 @@ import torch
 
 import trained_runs
 from rdhpc.cli import main
-from rdhpc.export import (ExportError, consolidated_state_dict, export_checkpoint, load_checkpoint,
+from rdhpc.export import (ExportError, consolidated_state_dict, load_checkpoint,
                           load_initial_weights, resolve_deepspeed)
 from rdhpc.model import RecurrentDepthModel, load_huginn, model_config_from_size
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+from trained_runs import write_debug_shards
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT = 240  # seconds any single job may take here before the test fails
@@ -60,20 +61,9 @@ def wait_state(job_id, predicate, timeout=JOB_TIMEOUT):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    import sysconfig
-
-    from data_prep.shards import ShardSettings, run_shards
-    from data_prep.tokenizer_train import train_tokenizer
-
+    """The debug data folder: docs.jsonl, tok.json and shards/ (trained_runs.write_debug_shards)."""
     root = tmp_path_factory.mktemp("slurm_data")
-    sources = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
-    with open(root / "docs.jsonl", "w") as f:
-        for path in sources:
-            f.write(json.dumps({"text": path.read_text(encoding="utf-8")}) + "\n")
-    train_tokenizer([str(root / "docs.jsonl")], vocab_size=512, out=root / "tok.json", log=lambda *a: None)
-    run_shards(ShardSettings(inputs=[str(root / "docs.jsonl")], tokenizer=str(root / "tok.json"), seq_len=64,
-                             out=str(root / "shards"), pack="carry", rows_per_shard=512, val_fraction=0.2),
-               log=lambda *a: None)
+    write_debug_shards(root)
     return root
 
 
@@ -497,7 +487,7 @@ dist.destroy_process_group()
 
 
 def test_preflight_on_two_gloo_ranks_names_a_slow_rank(tmp_path):
-    from rdhpc.launch.local import free_port
+    from rdhpc.distributed.ranks import free_port
 
     script = tmp_path / "preflight.py"
     script.write_text(PREFLIGHT)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from data_prep.shards import ShardSettings, run_shards
-from data_prep.tokenizer_train import train_tokenizer
 from rdhpc.config import config_from_dict
 from rdhpc.train.deepspeed_config import build_deepspeed_config
 from rdhpc.train.metrics import flops_per_token
 from rdhpc.train.optim import AdamAtan2, LRSchedule, parameter_groups
+from trained_runs import write_debug_shards
 
 
 REFERENCE_LOSSES = Path(__file__).parent / "assets" / "reference_losses_debug.json"
@@ -22,31 +22,24 @@ REFERENCE_LOSSES = Path(__file__).parent / "assets" / "reference_losses_debug.js
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    import sysconfig
-    from pathlib import Path
-
-    root = tmp_path_factory.mktemp("trainer")
-    sources = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
-    with open(root / "docs.jsonl", "w") as f:
-        for path in sources:
-            f.write(json.dumps({"text": path.read_text(encoding="utf-8")}) + "\n")
-    train_tokenizer([str(root / "docs.jsonl")], vocab_size=512, out=root / "tok.json", log=lambda *a: None)
-    run_shards(ShardSettings(inputs=[str(root / "docs.jsonl")], tokenizer=str(root / "tok.json"), seq_len=64,
-                             out=str(root / "shards"), pack="carry", rows_per_shard=512, val_fraction=0.2),
-               log=lambda *a: None)
-    return root / "shards"
+    return write_debug_shards(tmp_path_factory.mktemp("trainer"))
 
 
-def launch(tmp_path, shards, run_dir, *overrides, nproc=2):
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_command(shards, run_dir, *overrides, nproc=2):
     command = [sys.executable, "-m", "rdhpc.cli", "launch", "local", "configs/debug.yaml", "--nproc", str(nproc),
                "--set", f"data.train_dir={shards}", "--set", "model.max_seq_len=64", "--set", f"logging.run_dir={run_dir}",
                "--set", "train.log_interval=2", "--set", "train.val_interval=4", "--set", "checkpoint.interval=4"]
     for o in overrides:
         command += ["--set", o]
-    from pathlib import Path
+    return command
 
-    return subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
+
+def launch(tmp_path, shards, run_dir, *overrides, nproc=2):
+    return subprocess.run(launch_command(shards, run_dir, *overrides, nproc=nproc), capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
 
 
 def losses(run_dir):
@@ -317,21 +310,9 @@ def test_resume_on_another_number_of_ranks(tmp_path, shards, straight, stage):
     assert [after[s] for s in range(5, 9)] == pytest.approx([reference[s] for s in range(5, 9)], rel=2e-3)
 
 
-def launch_command(shards, run_dir, *overrides, nproc=2):
-    command = [sys.executable, "-m", "rdhpc.cli", "launch", "local", "configs/debug.yaml", "--nproc", str(nproc),
-               "--set", f"data.train_dir={shards}", "--set", "model.max_seq_len=64", "--set", f"logging.run_dir={run_dir}",
-               "--set", "train.log_interval=2", "--set", "train.val_interval=4", "--set", "checkpoint.interval=4"]
-    for o in overrides:
-        command += ["--set", o]
-    return command
-
-
-REPO = Path(__file__).resolve().parents[1]
-
-
 def start_ranks(shards, run_dir, *overrides, nproc=2):
     """The ranks as plain processes, no launcher: what each does on its own when a peer dies."""
-    from rdhpc.launch.local import free_port
+    from rdhpc.distributed.ranks import free_port
 
     port = free_port()
     launch_args = launch_command(shards, run_dir, *overrides)

@@ -25,23 +25,29 @@ def _root() -> Path:
     return _ROOT
 
 
-def shards() -> Path:
-    """A tokenizer (vocabulary 512) and carry-packed shards of 64-token rows from stdlib sources."""
+def write_debug_shards(root: Path) -> Path:
+    """root/docs.jsonl (60 stdlib sources), root/tok.json (vocabulary 512) and root/shards
+    (carry-packed rows of 64 tokens, 20% validation): the data of every debug training test."""
     from data_prep.shards import ShardSettings, run_shards
     from data_prep.tokenizer_train import train_tokenizer
 
-    root = _root()
-    out = root / "shards"
-    if (out / "manifest.json").exists():
-        return out
     sources = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
     with open(root / "docs.jsonl", "w") as f:
         for path in sources:
             f.write(json.dumps({"text": path.read_text(encoding="utf-8")}) + "\n")
     train_tokenizer([str(root / "docs.jsonl")], vocab_size=512, out=root / "tok.json", log=lambda *a: None)
     run_shards(ShardSettings(inputs=[str(root / "docs.jsonl")], tokenizer=str(root / "tok.json"), seq_len=64,
-                             out=str(out), pack="carry", rows_per_shard=512, val_fraction=0.2), log=lambda *a: None)
-    return out
+                             out=str(root / "shards"), pack="carry", rows_per_shard=512, val_fraction=0.2),
+               log=lambda *a: None)
+    return root / "shards"
+
+
+def shards() -> Path:
+    """The session's debug shards (write_debug_shards), made once."""
+    out = _root() / "shards"
+    if (out / "manifest.json").exists():
+        return out
+    return write_debug_shards(_root())
 
 
 def trained_run(steps: int = 4, stage: int = 1, precision: str = "fp32", nproc: int = 2, *overrides) -> Path:
