@@ -54,14 +54,16 @@ def _timed_allreduce(num_bytes: int, device: torch.device, repeats: int) -> floa
     return (time.perf_counter() - start) / repeats
 
 
-def _timed_gemm(device: torch.device, n: int, dtype: torch.dtype, repeats: int, slowdown: int = 1,
-                trials: int = 3) -> float:
+def timed_gemm_tflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int, slowdown: int = 1,
+                      trials: int = 3) -> float:
     """TFLOP/s of an n x n x n matrix product on this rank's device: the best of `trials` timings
     of `repeats` products each. A truly slow device is slow in every trial; the best of several
     keeps a moment of noise (another process on a shared CPU, a clock ramping up) from naming a
-    healthy rank."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    healthy rank. Also the trainer's MFU peak where no datasheet figure applies. The operands come
+    from a generator of their own: the training RNG streams are never touched."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     torch.matmul(a, b)  # warm-up (kernel selection, clocks)
     _synchronize(device)
     best = float("inf")
@@ -114,7 +116,7 @@ def run_preflight(device, ranks, log=print, sizes=None, repeats: int | None = No
                               "busbw_gbps": algbw * 2 * (world - 1) / world})
     fault = os.environ.get(FAULT_SLOW_RANK, "")
     slowdown = int(fault.split(":")[1]) if fault and int(fault.split(":")[0]) == ranks.rank else 1
-    tflops = _timed_gemm(device, n, dtype, repeats, slowdown)
+    tflops = timed_gemm_tflops(device, n, dtype, repeats, slowdown)
 
     # Gather (GEMM rate, host, device) of every rank. Tensors only, so nccl works as well as gloo.
     mine = torch.tensor([tflops], dtype=torch.float64, device=device)

@@ -160,9 +160,7 @@ def master_address(ranks: RankInfo, environ=None) -> tuple[str, int, str]:
         from mpi4py import MPI
 
         if ranks.rank == 0:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind(("", 0))
-                mine = (socket.gethostname(), s.getsockname()[1])
+            mine = (socket.gethostname(), free_port(""))
         else:
             mine = None
         host, port = MPI.COMM_WORLD.bcast(mine, root=0)
@@ -170,16 +168,17 @@ def master_address(ranks: RankInfo, environ=None) -> tuple[str, int, str]:
     if ranks.world_size > 1 and ranks.launcher == "mpi":
         from mpi4py import MPI
 
-        port = MPI.COMM_WORLD.bcast(_free_local_port() if ranks.rank == 0 else None, root=0)
+        port = MPI.COMM_WORLD.bcast(free_port() if ranks.rank == 0 else None, root=0)
         return "127.0.0.1", port, "mpi (one node)"
-    return "127.0.0.1", _free_local_port() if ranks.world_size == 1 else 29500, "local"
+    return "127.0.0.1", free_port() if ranks.world_size == 1 else 29500, "local"
 
 
-def _free_local_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (loopback by default; "" for every interface)."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rdhpc.distributed.ranks import free_port
 
 
 def launch_local(command: list[str], nproc: int, log=print, grace_s: float = 10.0) -> int:

@@ -18,6 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
+from rdhpc.distributed.ranks import free_port
 from rdhpc.errors import UserError
 
 HOST = "127.0.0.1"
@@ -25,12 +26,6 @@ HOST = "127.0.0.1"
 
 class MonitorError(UserError, ValueError):
     pass
-
-
-def free_port(host: str = HOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def tunnel_command(port: int, login_host: str | None = None, user: str | None = None,
@@ -54,7 +49,7 @@ def serve(run_dir: str | Path, port: int = 0, login_host: str | None = None, log
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for attempt in range(5):  # a free port can be taken between the probe and the bind
-            chosen = port or free_port()
+            chosen = port or free_port(HOST)
             board = program.TensorBoard()
             board.configure(argv=[None, "--logdir", str(run_dir), "--host", HOST, "--port", str(chosen),
                                   "--reload_interval", "5", "--load_fast", "false"])

@@ -40,32 +40,10 @@ PEAK_TFLOPS_BY_NAME = [
 ]
 
 
-def measured_gemm_tflops(device, dtype, size: int = 1024, seconds: float = 0.3) -> float:
-    """Throughput of a square matrix product on `device`: the achievable peak where no datasheet
-    figure applies (CPUs), and the pre-flight's per-device check."""
-    import time
-
-    import torch
-
-    generator = torch.Generator(device=device).manual_seed(0)  # never touch the training RNG streams
-    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b  # warm-up
-    sync()
-    count, start = 0, time.perf_counter()
-    while True:
-        a @ b
-        count += 1
-        if count % 4 == 0:
-            sync()
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                return 2 * size ** 3 * count / elapsed / 1e12
-
-
 def peak_tflops(device, dtype, configured: float | None) -> tuple[float, str]:
     """(peak TFLOP/s per device for MFU, where the figure comes from)."""
+    from rdhpc.distributed.preflight import timed_gemm_tflops
+
     if configured is not None:
         return configured, "train.peak_tflops_per_device"
     if device.type == "cuda":
@@ -75,5 +53,5 @@ def peak_tflops(device, dtype, configured: float | None) -> tuple[float, str]:
         for key, value in PEAK_TFLOPS_BY_NAME:
             if key in name.upper():
                 return value, f"datasheet peak of {name}"
-        return measured_gemm_tflops(device, dtype, size=4096), f"measured GEMM on {name} (unknown to the table)"
-    return measured_gemm_tflops(device, dtype), f"measured {str(dtype).replace('torch.', '')} GEMM on this CPU"
+        return timed_gemm_tflops(device, 4096, dtype, repeats=10), f"measured GEMM on {name} (unknown to the table)"
+    return timed_gemm_tflops(device, 1024, dtype, repeats=3), f"measured {str(dtype).replace('torch.', '')} GEMM on this CPU"
