@@ -88,6 +88,10 @@ class ResumePoint:
     def path(self) -> Path:
         return self.folder / self.tag
 
+    @property
+    def universal(self) -> bool:
+        return self.load_tag != self.tag
+
 
 def _quiet_deepspeed_deprecations():
     """DeepSpeed 0.19 calls torch APIs that torch 2.13 marks deprecated, once per rank per call
@@ -146,8 +150,7 @@ class Trainer:
             from rdhpc.distributed.preflight import run_preflight
 
             self.heartbeat.progress(0, "pre-flight")
-            with torch.random.fork_rng(devices=[self.device] if use_cuda else []):  # training streams untouched
-                self.preflight = run_preflight(self.device, self.ranks, log=self.log)
+            self.preflight = run_preflight(self.device, self.ranks, log=self.log)  # touches no RNG stream
 
         self.heartbeat.progress(0, "open shards")
         self.dataset = ShardDataset(run.data.train_dir, "train", seq_len=run.model.max_seq_len,
@@ -172,8 +175,8 @@ class Trainer:
             from rdhpc.export import load_initial_weights
 
             load_initial_weights(model, run.checkpoint.init_from, log=self.log)
-        self.ds_config = build_deepspeed_config(
-            run, self.ranks.world_size, load_universal=bool(self.resume_point and self.resume_point.load_tag != self.resume_point.tag))
+        self.ds_config = build_deepspeed_config(run, self.ranks.world_size,
+                                                load_universal=self.resume_point is not None and self.resume_point.universal)
         self.heartbeat.progress(0, "initialize engine")
         optimizer = build_optimizer(model, run.optim)
         if run.zero.stage == 0:
@@ -286,6 +289,7 @@ class Trainer:
     def _convert_to_universal(self, point: ResumePoint):
         target = point.folder / point.load_tag
         done_marker = target / STATE_DIR / "converted.json"
+        error = None  # rank 0's, when the conversion fails
         if self.ranks.is_main and not done_marker.exists():
             self.log(f"[train] {point.path} was written by {point.state['world_size']} ranks, this run has "
                      f"{self.ranks.world_size}: converting it to a universal checkpoint in {target}")
@@ -298,14 +302,14 @@ class Trainer:
             started = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
-                self._conversion_failed = f"{' '.join(command)} failed:\n{done.stderr[-3000:]}"
+                error = f"{' '.join(command)} failed:\n{done.stderr[-3000:]}"
             else:
                 done_marker.parent.mkdir(parents=True, exist_ok=True)
                 done_marker.write_text(json.dumps({"source": point.tag, "seconds": time.perf_counter() - started}))
-        failed = self._any_rank(self.ranks.is_main and getattr(self, "_conversion_failed", None) is not None)
+        failed, = self._any_rank(error is not None)
         if failed:
             raise TrainingError(f"rank {self.ranks.rank}: converting {point.path} to a universal checkpoint failed"
-                                + (f": {self._conversion_failed}" if self.ranks.is_main else " on rank 0"))
+                                + (f": {error}" if error else " on rank 0"))
 
     def maybe_resume(self):
         point = self.resume_point
@@ -338,15 +342,14 @@ class Trainer:
         dist.all_reduce(t)
         return (t / self.ranks.world_size).tolist()
 
-    def _any_rank(self, *flags: bool):
+    def _any_rank(self, *flags: bool) -> list[bool]:
         """Each flag true on every rank if it is true on one: ranks may see a new file or a signal at
         different steps, yet they must act at the same step."""
         import torch.distributed as dist
 
         t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out = [bool(v) for v in t.tolist()]
-        return out[0] if len(out) == 1 else out
+        return [bool(v) for v in t.tolist()]
 
     def _stop_requested_here(self) -> bool:
         if self.stop_reason is None and self.stop_at is not None and time.time() >= self.stop_at:
@@ -364,7 +367,7 @@ class Trainer:
 
     def train(self) -> TrainResult:
         run, tc = self.run, self.run.train
-        result = TrainResult(losses=[])
+        result = TrainResult()
         losses = result.losses
         tokens_per_step = tc.global_batch_size * run.model.max_seq_len
         window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
