@@ -26,6 +26,8 @@ Segments, preemption and time limits (the paper ran 21 segments of up to 12 h):
   the task's `checkpoint()` and requeues: nothing was trained since the last checkpoint, so an
   immediate requeue loses nothing. A preemption that kills without warning, or `scontrol requeue`
   from outside, loses only the steps after the last periodic checkpoint.
+- SIGTERM (scancel, the hard time limit, a preemption with a grace time) also makes the ranks
+  save, but the task does not requeue: Slurm is ending the job and requeues it by its own rules.
 - srun runs with --kill-on-bad-exit: one failing rank ends the job (FAILED, its error in its
   result and log) instead of leaving its peers waiting in a collective.
 """
@@ -270,14 +272,17 @@ def _prepare_rank(max_segments: int):
     return ranks, segment
 
 
-def _requeue_and_exit(ranks, reason: str):
-    """Rank 0 requeues the job; then every rank exits without a result, so the submitter (submitit's
-    job.result(), `rdhpc submit --wait`) keeps waiting for the next segment. `scontrol requeue`
-    returns once slurmctld has taken the job back, so the job cannot end as COMPLETED meanwhile;
-    the other ranks' early exit (status 0) does not end the step while rank 0 runs. A refused
-    requeue is an error of rank 0: the job ends FAILED with the reason."""
+def _end_segment(ranks, reason: str, requeue: bool = True):
+    """Rank 0 requeues the job (unless Slurm is ending it itself); then every rank exits without a
+    result, so the submitter (submitit's job.result(), `rdhpc submit --wait`) keeps waiting for the
+    next segment. `scontrol requeue` returns once slurmctld has taken the job back, so the job
+    cannot end as COMPLETED meanwhile; the other ranks' early exit (status 0) does not end the step
+    while rank 0 runs. A refused requeue is an error of rank 0: the job ends FAILED with the reason."""
     job_id = os.environ["SLURM_JOB_ID"]
-    if ranks.is_main:
+    if ranks.is_main and not requeue:
+        _job_log(f"[slurm] stopped ({reason}): Slurm is ending job {job_id} itself (scancel, time limit, or a "
+                 f"preemption it requeues by its own rules); checkpoint saved, no requeue from here")
+    elif ranks.is_main:
         _job_log(f"[slurm] stopped ({reason}): requeueing job {job_id} for the next segment")
         done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
@@ -316,7 +321,8 @@ class TrainTask:
                 _job_log(f"[slurm] stopped at step {result.step} after {segment} segment(s): slurm.max_segments "
                          f"= {self.max_segments} reached, not requeued")
             return summary
-        _requeue_and_exit(ranks, result.stop_reason or "stop requested")
+        # SIGTERM comes from Slurm itself ending the job: a requeue from here would fight a scancel
+        _end_segment(ranks, result.stop_reason or "stop requested", requeue=result.stop_reason != "signal SIGTERM")
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption/timeout path (a signal before the trainer took over): requeue the
