@@ -81,11 +81,13 @@ def pack(docs: list[np.ndarray], row_len: int, mode: str, bos: int, eos: int, pa
         num_rows = -(-total // row_len)
         parts = [bos_arr, None, eos_arr] * len(docs)
         parts[1::3] = docs
-        parts.append(np.full(num_rows * row_len - total, pad, dtype=dtype))
+        pad_tokens = num_rows * row_len - total
+        parts.append(np.full(pad_tokens, pad, dtype=dtype))
         rows = np.concatenate(parts).astype(dtype, copy=False).reshape(num_rows, row_len)
-        dropped = 0
+        dropped, documents = 0, len(docs)
     else:
-        # Decide the rows first from the lengths alone, then copy only the tokens that are kept.
+        # Decide the rows first from the lengths alone, then copy only the tokens that are kept,
+        # straight into the output (no per-row concatenation).
         ends = np.cumsum(lengths)
         rows_docs = []  # (first document, one past the last document) of every row
         first, buffered_from = 0, 0
@@ -94,15 +96,24 @@ def pack(docs: list[np.ndarray], row_len: int, mode: str, bos: int, eos: int, pa
                 rows_docs.append((first, i + 1))
                 first, buffered_from = i + 1, end  # the rest of the buffer is dropped
         rows = np.empty((len(rows_docs), row_len), dtype=dtype)
-        for r, (a, b) in enumerate(rows_docs):
-            parts = [bos_arr, None, eos_arr] * (b - a)
-            parts[1::3] = docs[a:b]
-            parts[-2] = parts[-2][:row_len]  # a long last document contributes one row at most
-            rows[r] = np.concatenate(parts)[:row_len]
-        dropped = total - rows.size
-    pad_tokens = int((rows == pad).sum()) if mode == "carry" else 0
-    counts = {"rows": int(len(rows)), "real_tokens": int(rows.size - pad_tokens), "pad_tokens": pad_tokens,
-              "documents": int((rows == bos).sum()), "dropped_tokens": int(dropped)}
+        for row, (a, b) in zip(rows, rows_docs):
+            # The documents a..b-1 fill the row (the cut rule guarantees it); the last one is cut
+            # where the row ends, and every BOS of them lies inside the row.
+            position = 0
+            for doc in docs[a:b]:
+                row[position] = bos
+                take = min(len(doc), row_len - position - 1)
+                row[position + 1:position + 1 + take] = doc[:take]
+                position += 1 + take
+                if position == row_len:
+                    break
+                row[position] = eos
+                position += 1
+                if position == row_len:
+                    break
+        dropped, documents, pad_tokens = total - rows.size, sum(b - a for a, b in rows_docs), 0
+    counts = {"rows": int(len(rows)), "real_tokens": int(rows.size - pad_tokens), "pad_tokens": int(pad_tokens),
+              "documents": int(documents), "dropped_tokens": int(dropped)}
     return rows, counts
 
 

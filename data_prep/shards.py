@@ -6,8 +6,8 @@
 
 Two stages, each a list of independent tasks split over ranks (task i goes to rank i % world) and,
 inside a rank, over `--workers` processes:
-1. tokenize: each piece of the input (rdhpc.data_prep.sources.Piece) -> `.work/tok/piece-N.arrow`,
-   documents with their seeded keys, split and copy count;
+1. tokenize: each piece of the input (rdhpc.data_prep.sources.Piece) -> `.work/tok/piece-N.tokens`
+   (the ids of its documents) and `piece-N.npz` (their seeded keys, split, copy count and offsets);
 2. pack: each output shard gathers its documents from every piece (key % num_shards), orders them
    by key and packs them -> `train-N.arrow` / `val-N.arrow`.
 Every file is written under a temporary name and renamed when complete; a stage waits for the other
@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from data_prep.packing import PACK_MODES, copy_keys, document_keys, is_validation, num_copies, pack
 from data_prep.sources import InputError, Piece, ReadResult, iter_piece, parse_sources, plan_pieces
@@ -126,11 +125,10 @@ def _init_worker(settings_dict: dict, threads_per_worker: int | None):
 
 
 def _piece_path(work: Path, index: int) -> Path:
-    return work / "tok" / f"piece-{index:06d}.arrow"
-
-
-_PIECE_SCHEMA = pa.schema([("key", pa.uint64()), ("val", pa.bool_()), ("copies", pa.uint16()),
-                           ("tokens", pa.large_list(pa.uint32()))])
+    """The piece's index (keys, split, copies, document offsets): written last, so its presence
+    means the piece is complete. Beside it: `.tokens` (the raw ids of all its documents, in the
+    shards' dtype) and `.json` (its counts)."""
+    return work / "tok" / f"piece-{index:06d}.npz"
 
 
 def tokenize_piece(task: tuple[int, Piece]) -> dict:
@@ -138,7 +136,11 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
     settings: ShardSettings = _worker_state["settings"]
     tokenizer: TextTokenizer = _worker_state["tokenizer"]
     source = _worker_state["sources"][piece.source]
-    work = Path(settings.out) / WORK_DIR
+    dtype = np.dtype(token_dtype(tokenizer.vocab_size))
+    path = _piece_path(Path(settings.out) / WORK_DIR, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens_path = path.with_suffix(".tokens")
+    tokens_tmp = tokens_path.with_name(tokens_path.name + ".tmp")
     # A reader thread parses the next batch while this thread encodes (the encoders release the GIL).
     batches: queue.Queue = queue.Queue(maxsize=2)
 
@@ -152,19 +154,22 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    result, value_parts, length_parts = ReadResult(), [], []
-    while (part := batches.get()) is not None:
-        if isinstance(part, BaseException):
-            raise part
-        if settings.strict and part.problems:
-            raise PrepError(f"{part.problems[0]} (--strict: stopping; without it such records are skipped and reported)")
-        result.records += part.records
-        result.problems += part.problems
-        result.bytes_read += part.bytes_read
-        if part.texts:
-            values, offsets = tokenizer.encode_batch_flat(part.texts)
-            value_parts.append(values)
-            length_parts.append(np.diff(offsets))
+    result, length_parts = ReadResult(), []
+    # Tokens go to disk batch by batch, already in the shards' dtype: no concatenation of the whole
+    # piece in memory, and half the bytes where the vocabulary fits 16 bits.
+    with open(tokens_tmp, "wb") as tokens_file:
+        while (part := batches.get()) is not None:
+            if isinstance(part, BaseException):
+                raise part
+            if settings.strict and part.problems:
+                raise PrepError(f"{part.problems[0]} (--strict: stopping; without it such records are skipped and reported)")
+            result.records += part.records
+            result.problems += part.problems
+            result.bytes_read += part.bytes_read
+            if part.texts:
+                values, offsets = tokenizer.encode_batch_flat(part.texts)
+                tokens_file.write(values.astype(dtype, copy=False).data)
+                length_parts.append(np.diff(offsets))
     reader.join()
     keys = document_keys(settings.seed, source.name, source.key_names[piece.file],
                          np.asarray(result.records, dtype=np.uint64))
@@ -173,15 +178,6 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
     lengths = np.concatenate(length_parts) if length_parts else np.empty(0, dtype=np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(value_parts) if value_parts else np.empty(0, dtype=np.uint32)
-    table = pa.table([pa.array(keys, pa.uint64()), pa.array(val), pa.array(copies, pa.uint16()),
-                      pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.uint32()))],
-                     schema=_PIECE_SCHEMA)
-    path = _piece_path(work, index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, _PIECE_SCHEMA) as writer:
-        writer.write_table(table)
     stats = {
         "piece": index, "source": source.name, "documents": len(keys), "bytes": result.bytes_read,
         "tokens": int(lengths.sum()),
@@ -195,20 +191,28 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
         "train_copies": int(copies[~val].sum()),
         "problems": [asdict(p) for p in result.problems],
     }
+    os.replace(tokens_tmp, tokens_path)
     _write_json_atomic(path.with_suffix(".json"), stats)
-    os.replace(tmp, path)  # the .arrow appears last: its presence means the piece is complete
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as index_file:
+        np.savez(index_file, keys=keys, val=val, copies=copies, offsets=offsets)
+    os.replace(tmp, path)  # the index appears last: its presence means the piece is complete
     return stats
 
 
 # ---- stage 2: pack one shard ---------------------------------------------------------------------
 
-def _open_piece(path: Path):
-    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    column = table.column("tokens")
-    # combine_chunks copies even a single chunk: keep the memory-mapped one (no copy, no RSS)
-    tokens = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    return (table.column("key").to_numpy(), table.column("val").to_numpy(zero_copy_only=False),
-            table.column("copies").to_numpy().astype(np.int64), tokens.offsets.to_numpy(), tokens.values.to_numpy())
+def _open_piece(path: Path, dtype: str):
+    with np.load(path) as index:
+        keys, val, copies, offsets = (index[name] for name in ("keys", "val", "copies", "offsets"))
+    tokens_path = path.with_suffix(".tokens")
+    expected = int(offsets[-1]) * np.dtype(dtype).itemsize
+    if tokens_path.stat().st_size != expected:
+        raise PrepError(f"{tokens_path}: {tokens_path.stat().st_size} bytes, its index says {expected} "
+                        "(delete the .work folder and run again)")
+    # memory-mapped: a shard reads only its own documents' pages
+    values = np.memmap(tokens_path, dtype=dtype, mode="r") if expected else np.empty(0, dtype=dtype)
+    return keys, val, copies.astype(np.int64), offsets, values
 
 
 def pack_shard(task: tuple[str, int, int, int]) -> dict:
@@ -216,9 +220,10 @@ def pack_shard(task: tuple[str, int, int, int]) -> dict:
     settings: ShardSettings = _worker_state["settings"]
     tokenizer: TextTokenizer = _worker_state["tokenizer"]
     work = Path(settings.out) / WORK_DIR
+    dtype = token_dtype(tokenizer.vocab_size)
     order_keys, docs = [], []
     for index in range(num_pieces):
-        keys, val, copies, offsets, values = _open_piece(_piece_path(work, index))
+        keys, val, copies, offsets, values = _open_piece(_piece_path(work, index), dtype)
         selected = np.flatnonzero(val == (split == "val"))
         doc_index, keys_of_copies = copy_keys(keys[selected], copies[selected])
         mine = np.flatnonzero(keys_of_copies % np.uint64(num_groups) == np.uint64(group))
@@ -228,8 +233,7 @@ def pack_shard(task: tuple[str, int, int, int]) -> dict:
     order = np.argsort(np.asarray(order_keys, dtype=np.uint64), kind="stable")
     docs = [docs[i] for i in order]
     rows, counts = pack(docs, settings.seq_len + 1, settings.pack, tokenizer.bos_id, tokenizer.eos_id,
-                        tokenizer.pad_id, dtype=np.uint32)
-    dtype = token_dtype(tokenizer.vocab_size)
+                        tokenizer.pad_id, dtype=np.dtype(dtype))
     path = Path(settings.out) / shard_name(split, group)
     entry = write_shard(path, rows, seq_len=settings.seq_len, dtype=dtype, tokenizer_sha256=tokenizer.sha256,
                         split=split)

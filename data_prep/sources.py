@@ -6,6 +6,7 @@ globs expand to the supported files inside them, sorted, so every rank sees the 
 
 Nothing is silently lost: an undecodable line, malformed JSON, a missing or non-string field is
 recorded as a Problem with its file and line (row for parquet) and skipped, or raised with --strict.
+A field repeated in one record takes its last value, as Python's json and orjson both do.
 """
 
 from __future__ import annotations
@@ -302,6 +303,9 @@ def iter_piece(piece: Piece, text_field: str = "text", batch_bytes: int = 4 << 2
                 record = json.loads(decoded)
             except json.JSONDecodeError as exc:
                 result.problems.append(Problem(piece.file, line, f"malformed JSON ({exc.msg})"))
+                continue
+            except RecursionError:  # valid JSON, but nested deeper than either parser goes
+                result.problems.append(Problem(piece.file, line, "JSON nested too deeply to parse"))
                 continue
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(record, dict):

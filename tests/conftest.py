@@ -14,6 +14,8 @@ _session_tmp = tempfile.mkdtemp(prefix="rdhpc-tests-")
 os.environ["TMPDIR"] = _session_tmp
 tempfile.tempdir = _session_tmp
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# rdhpc's own cache (the encoder checks of tokenizers) stays inside the session folder too.
+os.environ["RDHPC_CACHE_DIR"] = os.path.join(_session_tmp, "rdhpc-cache")
 # Compiled kernels of torch.compile tests stay inside the session folder too.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_session_tmp, "inductor"))
 

@@ -76,6 +76,7 @@ def corpus(tmp_path_factory):
         f.write(b'{"text": "bad byte \xff here"}\n')
         f.write(json.dumps({"text": 5}).encode() + b"\n")
         f.write(b'{"text": "lone surrogate \\ud800"}\n')
+        f.write(b'{"text": "deep", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
     return root, texts
 
 
@@ -130,6 +131,37 @@ def test_fast_encoder_gives_the_reference_ids(corpus, tokenizer_path):
     docs = texts + TRICKY + mixed + [" " * 1000 + "1" * 500, "x" * 100_000, "\r\n" * 500]
     for a, b in zip(fast.encode_batch(docs), reference.encode_batch(docs)):
         assert np.array_equal(a, b)
+
+
+def test_the_encoder_check_is_cached_and_a_bad_cache_is_ignored(tmp_path, monkeypatch, corpus, tokenizer_path):
+    """The first load checks gigatoken against HF and stores the outcome; later loads take it from
+    the cache without loading HF (only decoding does), and give the same ids and special ids."""
+    _, texts = corpus
+    monkeypatch.setenv("RDHPC_CACHE_DIR", str(tmp_path / "cache"))
+    first = TextTokenizer(tokenizer_path)
+    assert first.backend == "gigatoken" and first._hf_tokenizer is not None
+    entries = sorted((tmp_path / "cache" / "encoder-checks").iterdir())
+    assert len(entries) == 2  # the outcome and the copy of the JSON without added tokens
+    second = TextTokenizer(tokenizer_path)
+    assert second.backend == "gigatoken" and second._hf_tokenizer is None
+    assert (second.vocab_size, second.bos_id, second.eos_id, second.pad_id, second.end_turn_id) == \
+        (first.vocab_size, first.bos_id, first.eos_id, first.pad_id, first.end_turn_id)
+    reference = TextTokenizer(tokenizer_path, backend="hf")
+    docs = texts[:50] + TRICKY
+    for a, b in zip(second.encode_batch(docs), reference.encode_batch(docs)):
+        assert np.array_equal(a, b)
+    assert second.decode(second.encode(TRICKY[0])) == TRICKY[0] and second._hf_tokenizer is not None
+    # A damaged entry is not trusted: the check runs again and rewrites it.
+    record = next(p for p in entries if not p.name.endswith(".tokenizer.json"))
+    record.write_text("{not json")
+    again = TextTokenizer(tokenizer_path)
+    assert again.backend == "gigatoken" and again._hf_tokenizer is not None
+    assert json.loads(record.read_text())["fast_ok"] is True
+    # Another tokenizer file (other bytes) never reuses the entry.
+    other = tmp_path / "other.json"
+    other.write_text(Path(tokenizer_path).read_text() + "\n")  # the same tokenizer, other bytes
+    TextTokenizer(other)
+    assert len(list((tmp_path / "cache" / "encoder-checks").iterdir())) == 4
 
 
 def test_bad_tokenizer_files(tmp_path):
@@ -239,7 +271,7 @@ def test_kill_and_rerun_gives_identical_output(tmp_path, corpus, tokenizer_path)
     args = ["--input", str(root), "--tokenizer", str(tokenizer_path), "--seq-len", "128", "--out", str(out),
             "--rows-per-shard", "64", "--piece-bytes", "20000"]
     # kill -9 once during tokenization and once during packing, then finish
-    for stage, pattern, at_least in (("tokenize", ".work/tok/*.arrow", 3), ("pack", "*.arrow", 1)):
+    for stage, pattern, at_least in (("tokenize", ".work/tok/*.npz", 3), ("pack", "*.arrow", 1)):
         process = run_cli_prep(args)
         deadline = time.monotonic() + 120
         while len(list(out.glob(pattern))) < at_least and process.poll() is None and time.monotonic() < deadline:
@@ -290,10 +322,11 @@ def test_malformed_records_are_counted_with_file_and_line(tmp_path, corpus, toke
                 f"{root / 'a.jsonl'}:{bad_line + 1}: field 'text' missing",
                 f"{root / 'bad.jsonl'}:2: undecodable bytes at column 20",
                 f"{root / 'bad.jsonl'}:3: field 'text' is int, not text",
-                f"{root / 'bad.jsonl'}:4: invalid unicode in text"]
+                f"{root / 'bad.jsonl'}:4: invalid unicode in text",
+                f"{root / 'bad.jsonl'}:5: JSON nested too deeply to parse"]
     for fragment in expected:
         assert any(p.startswith(fragment) for p in report["problems"]), (fragment, report["problems"])
-    assert report["records_skipped"] == 5
+    assert report["records_skipped"] == 6
     # the counts: every well-formed record became a document
     assert report["documents_read"] == 20 + 40 + len(TRICKY) + 20 + 20 + 30 + 1
 
