@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.packing import PACK_MODES, copy_keys, document_keys, is_validation, num_copies, pack
-from data_prep.sources import InputError, Piece, ReadResult, iter_piece, parse_sources, plan_pieces
+from data_prep.sources import (InputError, Piece, Problem, ReadResult, iter_piece, parse_sources, plan_pieces,
+                               resolve_lines)
 from rdhpc.data.format import (Manifest, ShardEntry, TokenizerInfo, read_manifest, shard_name, token_dtype,
                                write_shard)
 from rdhpc.data.tokenizer import TextTokenizer
@@ -94,6 +95,9 @@ def output_fingerprint(settings: ShardSettings, sources, tokenizer: TextTokenize
         "seed": settings.seed,
         "text_field": settings.text_field,
         "rows_per_shard": settings.rows_per_shard,
+        # how documents are named inside a file, which seeds their keys (session 3: line byte
+        # offsets; before: line numbers); shards of one scheme never mix with the other's
+        "record_ids": "jsonl-byte-offset",
     }
 
 
@@ -162,6 +166,7 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
             if isinstance(part, BaseException):
                 raise part
             if settings.strict and part.problems:
+                resolve_lines(part.problems[:1])
                 raise PrepError(f"{part.problems[0]} (--strict: stopping; without it such records are skipped and reported)")
             result.records += part.records
             result.problems += part.problems
@@ -421,6 +426,8 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
 
 def _report(piece_stats: list[dict], shard_entries: list[dict], sources) -> dict:
     problems = [p for s in piece_stats for p in s["problems"]]
+    reported = [Problem(**p) for p in problems[:MAX_REPORTED_PROBLEMS]]
+    resolve_lines(reported)  # jsonl problems carry byte offsets: their line numbers, for these only
     by_source = {}
     for s in piece_stats:
         entry = by_source.setdefault(s["source"], {"documents": 0, "bytes": 0, "tokens": 0,
@@ -438,7 +445,7 @@ def _report(piece_stats: list[dict], shard_entries: list[dict], sources) -> dict
         "documents_read": sum(s["documents"] for s in piece_stats),
         "records_skipped": len(problems),
         "skipped_by_reason": reasons,
-        "problems": [f"{p['file']}:{p['line']}: {p['reason']}" for p in problems[:MAX_REPORTED_PROBLEMS]],
+        "problems": [str(p) for p in reported],
         "dropped_tokens": sum(e["dropped_tokens"] for e in shard_entries),
         "sources": {s.name: {"weight": s.weight, **by_source.get(s.name, {})} for s in sources},
     }

@@ -37,11 +37,12 @@ class InputError(UserError, ValueError):
 @dataclass
 class Problem:
     file: str
-    line: int  # 1-based line (jsonl), row (parquet) or line of the first bad byte (txt)
+    line: int | None  # 1-based line (jsonl: None until resolve_lines), row (parquet), line of the first bad byte (txt)
     reason: str
+    offset: int | None = None  # jsonl: byte offset of the record's line in the (decompressed) file
 
     def __str__(self):
-        return f"{self.file}:{self.line}: {self.reason}"
+        return f"{self.file}:{self.line if self.line is not None else f'byte {self.offset}'}: {self.reason}"
 
 
 @dataclass
@@ -59,7 +60,9 @@ class Source:
 @dataclass(frozen=True)
 class Piece:
     """A part of one file that one worker reads: a byte range of a plain .jsonl file, one row
-    group of a parquet file, or a whole file. Records are numbered within their file."""
+    group of a parquet file, or a whole file. Records are named within their file: by the byte
+    offset of their line (jsonl), their row (parquet), 0 (txt); never by a count that depends on
+    where the file was cut."""
 
     source: int  # index into the source list
     file: str
@@ -181,53 +184,67 @@ class ReadResult:
     bytes_read: int = 0
 
 
-def _check_text(text, path, line, text_field, result: ReadResult) -> bool:
+def _check_text(text, path, line, text_field, result: ReadResult, offset: int | None = None) -> bool:
     if not isinstance(text, str):
         reason = f"field {text_field!r} missing" if text is None else f"field {text_field!r} is {type(text).__name__}, not text"
-        result.problems.append(Problem(path, line, reason))
+        result.problems.append(Problem(path, line, reason, offset))
         return False
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:  # lone surrogates from JSON escapes such as "\ud800"
-        result.problems.append(Problem(path, line, f"invalid unicode in text ({exc.reason})"))
+        result.problems.append(Problem(path, line, f"invalid unicode in text ({exc.reason})", offset))
         return False
     return True
 
 
-def _jsonl_lines(piece: Piece) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line) of the lines that START inside [start, end)."""
-    fmt = file_format(piece.file)
+def _open_jsonl(path: str):
+    fmt = file_format(path)
     if fmt == ".jsonl.gz":
-        stream = gzip.open(piece.file, "rb")
-    elif fmt == ".jsonl.zst":
+        return gzip.open(path, "rb")
+    if fmt == ".jsonl.zst":
         import zstandard
 
-        stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(piece.file, "rb"), closefd=True))
-    else:
-        stream = open(piece.file, "rb")
-    with stream:
-        line_number = 1
-        if piece.start > 0:
-            # Count the lines before our range, then skip to the first line that starts in it.
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _jsonl_lines(piece: Piece) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, raw line) of the lines that START inside [start, end). Offsets, unlike line
+    numbers, need nothing read before the piece: a piece deep in a 100 GB file starts at once."""
+    with _open_jsonl(piece.file) as stream:
+        position = 0
+        if piece.start > 0:  # only plain .jsonl files are cut, so only they seek
             stream.seek(piece.start - 1)
-            first_is_line_start = stream.read(1) == b"\n"
-            with open(piece.file, "rb") as counter:
-                remaining, newlines = piece.start, 0
-                while remaining:
-                    chunk = counter.read(min(remaining, 1 << 24))
-                    newlines += chunk.count(b"\n")
-                    remaining -= len(chunk)
-            line_number = newlines + 1
-            if not first_is_line_start:
+            if stream.read(1) != b"\n":
                 stream.readline()  # finish the line that started before our range
-                line_number += 1
-        position = stream.tell() if fmt == ".jsonl" else 0
+            position = stream.tell()
         for raw in stream:
             if piece.end >= 0 and position >= piece.end:
                 break
+            yield position, raw
             position += len(raw)
-            yield line_number, raw
-            line_number += 1
+
+
+def resolve_lines(problems: list[Problem]) -> None:
+    """Fill in the line numbers of jsonl problems from their byte offsets: one pass per file,
+    reading only up to its last problem. Called for the problems that are reported."""
+    by_file: dict[str, list[Problem]] = {}
+    for problem in problems:
+        if problem.line is None and problem.offset is not None:
+            by_file.setdefault(problem.file, []).append(problem)
+    for path, pending in by_file.items():
+        pending.sort(key=lambda p: p.offset)
+        newlines, consumed, index = 0, 0, 0
+        with _open_jsonl(path) as stream:
+            while index < len(pending):
+                chunk = stream.read(1 << 24)
+                while index < len(pending) and (not chunk or pending[index].offset < consumed + len(chunk)):
+                    pending[index].line = newlines + chunk[:pending[index].offset - consumed].count(b"\n") + 1
+                    index += 1
+                if not chunk:
+                    break
+                newlines += chunk.count(b"\n")
+                consumed += len(chunk)
 
 
 def read_piece(piece: Piece, text_field: str = "text") -> ReadResult:
@@ -275,7 +292,7 @@ def iter_piece(piece: Piece, text_field: str = "text", batch_bytes: int = 4 << 2
                     result.texts.append(text)
                     result.bytes_read += len(text)
     else:
-        for line, raw in _jsonl_lines(piece):
+        for offset, raw in _jsonl_lines(piece):
             result.bytes_read += len(raw)
             if _fast_loads is not None:
                 # orjson validates UTF-8 and rejects lone surrogates, so a string it returns needs no
@@ -283,7 +300,7 @@ def iter_piece(piece: Piece, text_field: str = "text", batch_bytes: int = 4 << 2
                 try:
                     record = _fast_loads(raw)
                     if isinstance(record, dict) and isinstance(record.get(text_field), str):
-                        result.records.append(line - 1)
+                        result.records.append(offset)
                         result.texts.append(record[text_field])
                         if result.bytes_read >= batch_bytes:
                             yield result
@@ -292,25 +309,25 @@ def iter_piece(piece: Piece, text_field: str = "text", batch_bytes: int = 4 << 2
                 except ValueError:
                     pass
             if not raw.strip():
-                result.problems.append(Problem(piece.file, line, "empty line"))
+                result.problems.append(Problem(piece.file, None, "empty line", offset))
                 continue
             try:
                 decoded = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                result.problems.append(Problem(piece.file, line, f"undecodable bytes at column {exc.start + 1}"))
+                result.problems.append(Problem(piece.file, None, f"undecodable bytes at column {exc.start + 1}", offset))
                 continue
             try:
                 record = json.loads(decoded)
             except json.JSONDecodeError as exc:
-                result.problems.append(Problem(piece.file, line, f"malformed JSON ({exc.msg})"))
+                result.problems.append(Problem(piece.file, None, f"malformed JSON ({exc.msg})", offset))
                 continue
             except RecursionError:  # valid JSON, but nested deeper than either parser goes
-                result.problems.append(Problem(piece.file, line, "JSON nested too deeply to parse"))
+                result.problems.append(Problem(piece.file, None, "JSON nested too deeply to parse", offset))
                 continue
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(record, dict):
-                result.problems.append(Problem(piece.file, line, f"a JSON {type(record).__name__}, not an object"))
-            elif _check_text(text, piece.file, line, text_field, result):
-                result.records.append(line - 1)
+                result.problems.append(Problem(piece.file, None, f"a JSON {type(record).__name__}, not an object", offset))
+            elif _check_text(text, piece.file, None, text_field, result, offset):
+                result.records.append(offset)
                 result.texts.append(text)
     yield result
