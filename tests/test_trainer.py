@@ -180,6 +180,20 @@ def test_every_zero_stage_and_precision_trains(tmp_path, shards, stage, precisio
     assert np.mean([curve[7], curve[8]]) < np.mean([curve[1], curve[2]]) - 0.05
 
 
+def test_speed_switches_train_as_the_plain_run(tmp_path, shards, straight):
+    """The issue-7 switches through the real trainer (2 ranks, ZeRO 1, fp32): the core iteration
+    compiled (aot_eager: graph capture without code generation), the chunked loss, inference mode,
+    the math attention kernel: the uninterrupted run's losses within float rounding."""
+    straight, _ = straight
+    run_dir = tmp_path / "switches"
+    done = launch(tmp_path, shards, run_dir, "train.max_steps=8", "train.compile=core", "train.compile_backend=aot_eager",
+                  "model.loss_chunk_size=50", "model.no_grad_mode=inference_mode", "train.sdpa_backend=math")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compile: core (aot_eager), attention kernels: math, loss: chunks of 50 tokens" in done.stdout
+    reference = losses(straight)
+    assert losses(run_dir) == pytest.approx(reference, rel=1e-5)
+
+
 def test_bf16_with_stage_0_is_refused(tmp_path, shards):
     done = launch(tmp_path, shards, tmp_path / "refused", "train.max_steps=2", "zero.stage=0", "train.precision=bf16")
     assert done.returncode == 2 and "bf16 needs ZeRO stage >= 1" in done.stderr

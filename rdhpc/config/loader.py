@@ -52,6 +52,14 @@ def _convert(value: Any, tp, key: str, problems: list[str]) -> Any:
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return _convert(value, inner[0], key, problems)
+        for option in inner:  # e.g. `bool | str`: the first type that takes the value
+            attempt: list[str] = []
+            converted = _convert(value, option, key, attempt)
+            if not attempt:
+                return converted
+        problems.append(f"{key}: expected {' or '.join(_type_name(a) for a in inner)}, "
+                        f"got {type(value).__name__} {value!r}")
+        return None
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -25,6 +25,23 @@ SCHEDULES = {
                  "(warmup-stable-decay); also triggered early by a cool-down request file",
 }
 ON_DATA_EXHAUSTED = ("stop", "new_epoch")
+# train.compile: what torch.compile wraps (rdhpc.train.engine.compile_model). true means "core".
+COMPILE_SCOPES = {
+    False: "nothing: eager",
+    True: "the same as 'core'",
+    "core": "one core iteration, one graph reused by every iteration of any sampled depth (with and "
+            "without gradient: two graphs)",
+    "model": "the whole forward; a new graph for every new (iterations without, with gradient): for a "
+             "fixed depth (benchmarks), not for the sampled depths of training",
+}
+# train.sdpa_backend: PyTorch's attention kernels allowed (torch.nn.attention.sdpa_kernel).
+SDPA_BACKENDS = {
+    "auto": "PyTorch's own choice (flash or cuDNN on NVIDIA, AOTriton flash on ROCm, flash or math on CPU)",
+    "flash": "FlashAttention-2 kernels (NVIDIA sm80+, ROCm through AOTriton, CPU)",
+    "cudnn": "cuDNN's fused attention (NVIDIA only)",
+    "efficient": "memory-efficient attention (NVIDIA, ROCm)",
+    "math": "the unfused reference: materialises the (T, T) scores",
+}
 
 
 @dataclass
@@ -63,10 +80,15 @@ class OptimConfig:
     """Global gradient-norm clipping; 0 disables."""
     update_clip: float = 1.0
     """adam-atan2: cap on the per-tensor rms of g^2 / v."""
+    fused: bool | None = None
+    """adamw: torch's fused kernel (one pass over weight, gradient and both moments per tensor);
+    None: on GPUs only (on the CPU the one-op-at-a-time loop stays the bit-exact reference)."""
 
     def problems(self, prefix="optim"):
         out = check_choice(self, prefix, "name", OPTIMIZERS) + check_bounds(
             self, prefix, positive=("lr",), non_negative=("weight_decay", "eps", "grad_clip", "update_clip"))
+        if self.fused and self.name != "adamw":
+            out.append(f"{prefix}.fused: only optim.name 'adamw' has a fused kernel, got {self.name!r}")
         if not all(0 <= b < 1 for b in self.betas):
             out.append(f"{prefix}.betas: each must be in [0, 1), got {list(self.betas)}")
         return out
@@ -99,11 +121,23 @@ class TrainConfig:
     seed: int = 0
     """Seeds the model init and the depth sampler (drawn from (seed, step) on every rank)."""
     precision: str = "bf16"
-    """'bf16' (autocast, float32 master weights and optimizer state) or 'fp32'."""
+    """'bf16': DeepSpeed holds the weights in bf16 and the model computes in bf16 (norms, RoPE and
+    the loss in float32); ZeRO keeps float32 master weights, optimizer state and gradient
+    accumulation. 'fp32': everything in float32."""
     device: str = "auto"
     """'auto' picks the GPU when there is one, else the CPU (gloo)."""
-    compile: bool = False
-    """torch.compile the model (off on CPU tests: compilation costs minutes)."""
+    compile: bool | str = False
+    """torch.compile: false, 'core' (one core iteration as one graph; also `true`) or 'model' (the
+    whole forward, recompiled for every new depth split). Costs minutes of compilation at start."""
+    compile_backend: str = "inductor"
+    """torch.compile backend ('inductor' generates kernels; 'aot_eager' only traces, for tests)."""
+    sdpa_backend: str = "auto"
+    """Attention kernels allowed: 'auto' (PyTorch chooses), 'flash', 'cudnn' (NVIDIA only),
+    'efficient' or 'math'."""
+    bf16_immediate_grad_update: bool = False
+    """bf16 with ZeRO 1: add each bf16 gradient into the float32 accumulation buffer as soon as
+    backward produces it and free it (DeepSpeed's bf16.immediate_grad_update), instead of keeping
+    every bf16 gradient until the end of backward: one bf16 copy of the weights less at the peak."""
     log_interval: int = 10
     val_interval: int = 500
     val_depths: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
@@ -132,6 +166,9 @@ class TrainConfig:
         if self.peak_tflops_per_device is not None and not self.peak_tflops_per_device > 0:
             out.append(f"{prefix}.peak_tflops_per_device: must be > 0 or unset, got {self.peak_tflops_per_device}")
         out += check_choice(self, prefix, "precision", PRECISIONS) + check_choice(self, prefix, "device", DEVICES)
+        out += check_choice(self, prefix, "sdpa_backend", SDPA_BACKENDS)
+        if self.compile not in COMPILE_SCOPES:
+            out.append(f"{prefix}.compile: unknown value {self.compile!r}; choose one of false, true, 'core', 'model'")
         if self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
             out.append(f"{prefix}.global_batch_size: {self.global_batch_size} is not a multiple of "
                        f"{prefix}.micro_batch_size = {self.micro_batch_size}")
@@ -139,6 +176,11 @@ class TrainConfig:
         if bad_depths:
             out.append(f"{prefix}.val_depths: depths must be >= 1, got {bad_depths}")
         return out
+
+    @property
+    def compile_scope(self) -> str | None:
+        """None, 'core' or 'model' (`compile: true` is 'core')."""
+        return {False: None, True: "core"}.get(self.compile, self.compile)
 
 
 @dataclass
@@ -305,6 +347,12 @@ class RunConfig:
             out.append(f"schedule.cooldown_steps: warmup_steps + cooldown_steps = "
                        f"{self.schedule.warmup_steps + self.schedule.cooldown_steps} exceeds train.max_steps = "
                        f"{self.train.max_steps}")
+        if self.train.compile_scope is not None and self.zero.stage == 3:
+            out.append("train.compile: not with zero.stage 3 (its parameter gathering hooks fire inside the compiled "
+                       "region); use stage 1 or 2")
+        if self.train.bf16_immediate_grad_update and not (self.train.precision == "bf16" and self.zero.stage == 1):
+            out.append("train.bf16_immediate_grad_update: applies to precision bf16 with zero.stage 1 only "
+                       "(DeepSpeed's bf16 optimizer)")
         return out
 
 

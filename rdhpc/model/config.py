@@ -32,6 +32,11 @@ SAMPLING_SCHEMES = {
     "poisson-lognormal": "r = Poisson(exp(tau)) + 1, tau ~ N(log(mean) - sigma^2/2, sigma) (the 3.5B run)",
     "fixed": "r = mean_recurrence on every step",
 }
+NO_GRAD_MODES = {
+    "no_grad": "torch.no_grad() around the iterations without gradient",
+    "inference_mode": "torch.inference_mode() around them (no version counters or view tracking); the state "
+                      "leaving them is copied into a normal tensor",
+}
 INIT_STRATEGIES = {
     "takase": "truncated normal std sqrt(2/(5h)); output projections / sqrt(2 L), L = P + R * mean + C",
 }
@@ -76,6 +81,12 @@ class ModelConfig:
     init_strategy: str = "takase"
     activation_checkpointing: bool = False
     """Recompute each core iteration in the backward pass instead of storing its activations."""
+    loss_chunk_size: int = 0
+    """Tokens per chunk of the fused head + cross-entropy of the training loss (rdhpc.model.losses):
+    the (tokens, vocabulary) float32 logits are never materialised. 0: the plain head and
+    F.cross_entropy. Used only when the forward returns no logits (training and validation)."""
+    no_grad_mode: str = "no_grad"
+    """How the iterations without gradient run: 'no_grad' or 'inference_mode'."""
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
@@ -113,7 +124,7 @@ class ModelConfig:
         out = check_bounds(self, prefix, positive=(
             "vocab_size", "padding_multiple", "hidden_size", "num_heads", "intermediate_size", "num_core_layers",
             "max_seq_len", "mean_recurrence", "rope_base", "norm_eps"), non_negative=(
-            "num_prelude_layers", "num_coda_layers", "mean_backprop_depth", "recurrence_sigma"))
+            "num_prelude_layers", "num_coda_layers", "mean_backprop_depth", "recurrence_sigma", "loss_chunk_size"))
         if self.num_heads > 0 and self.hidden_size % self.num_heads:
             out.append(f"{prefix}.hidden_size: {self.hidden_size} is not divisible by "
                        f"{prefix}.num_heads = {self.num_heads}")
@@ -122,7 +133,7 @@ class ModelConfig:
                        "must be even (RoPE rotates pairs)")
         for name, table in (("block_type", BLOCK_TYPES), ("injection_type", INJECTION_TYPES),
                             ("norm_type", NORM_TYPES), ("sampling_scheme", SAMPLING_SCHEMES),
-                            ("init_strategy", INIT_STRATEGIES)):
+                            ("init_strategy", INIT_STRATEGIES), ("no_grad_mode", NO_GRAD_MODES)):
             out += check_choice(self, prefix, name, table)
         if self.size is not None and self.size not in MODEL_SIZES:
             out.append(f"{prefix}.size: unknown size {self.size!r}; choose one of {sorted(MODEL_SIZES)}")

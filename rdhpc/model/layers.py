@@ -27,11 +27,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if learnable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.rms_norm: one fused kernel where PyTorch has one (CUDA, ROCm), its composite elsewhere;
+        # it saves only its input and the per-row rsqrt for backward, not the float32 product.
         x32 = x.to(at_least_float32(x.dtype))
-        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            out = out * self.weight.to(x32.dtype)
-        return out.type_as(x)
+        weight = None if self.weight is None else self.weight.to(x32.dtype)
+        return F.rms_norm(x32, (x32.shape[-1],), weight, self.eps).type_as(x)
 
     def reset_parameters(self):
         if self.weight is not None:
@@ -46,15 +46,18 @@ def rope_table(head_dim: int, max_seq_len: int, base: float, device=None,
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def apply_rope(x_BTHD: torch.Tensor, table_T_D2_2: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_BTxD: torch.Tensor, table_T_D2_2: torch.Tensor) -> torch.Tensor:
     """Rotate ADJACENT pairs (2i, 2i+1) of the head dim, as the released model does (its complex-number
-    layout), not the "rotate half" layout of Llama-style code. Computed in float32."""
-    x = x_BTHD.to(table_T_D2_2.dtype).unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    layout), not the "rotate half" layout of Llama-style code. Computed in float32. `x` is (B, T, ..., D):
+    q and k stacked as (B, T, 2, H, D) rotate in one pass (half the kernels of two calls in eager; one
+    fused elementwise kernel under torch.compile either way)."""
+    x = x_BTxD.to(table_T_D2_2.dtype).unflatten(-1, (-1, 2))  # (B, T, ..., D/2, 2)
     x_even, x_odd = x[..., 0], x[..., 1]
-    cos = table_T_D2_2[None, :, None, :, 0]
-    sin = table_T_D2_2[None, :, None, :, 1]
+    T, D2 = table_T_D2_2.shape[:2]
+    shape = (1, T) + (1,) * (x_BTxD.dim() - 3) + (D2,)
+    cos, sin = table_T_D2_2[..., 0].view(shape), table_T_D2_2[..., 1].view(shape)
     rotated = torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x_BTHD)
+    return rotated.flatten(-2).type_as(x_BTxD)
 
 
 class Attention(nn.Module):
@@ -76,11 +79,11 @@ class Attention(nn.Module):
         stores the new keys/values (B, T, H, D) and returns every key and value to attend to
         (B, H, S, D) and a boolean mask (T, S) or None (see rdhpc.generate)."""
         B, T, C = x_BTC.shape
-        q, k, v = self.qkv(x_BTC).view(B, T, 3, self.num_heads, self.head_dim).unbind(dim=2)
+        qkv = self.qkv(x_BTC).view(B, T, 3, self.num_heads, self.head_dim)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # (B, T, 2, H, D), (B, T, H, D)
         if self.qk_bias is not None:
-            q = q + self.qk_bias[0].to(q.dtype)
-            k = k + self.qk_bias[1].to(k.dtype)
-        q, k = apply_rope(q, rope_T_D2_2), apply_rope(k, rope_T_D2_2)
+            qk = qk + self.qk_bias.view(2, self.num_heads, self.head_dim).to(qk.dtype)
+        q, k = apply_rope(qk, rope_T_D2_2).unbind(dim=2)
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         else:

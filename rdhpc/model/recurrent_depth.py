@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rdhpc.model.config import ModelConfig
 from rdhpc.model.layers import BLOCK_CLASSES, RMSNorm, at_least_float32, rope_table
+from rdhpc.model.losses import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -144,14 +145,20 @@ class RecurrentDepthModel(nn.Module):
             x = block(x, rope, None if kv_caches is None else kv_caches[i])
         return x
 
-    def readout(self, state: torch.Tensor, rope: torch.Tensor, kv_caches=None) -> torch.Tensor:
-        """logits = head(ln_f(C(ln_f(s)))): the coda and the tied head, (B, T, V)."""
+    def decode(self, state: torch.Tensor, rope: torch.Tensor, kv_caches=None) -> torch.Tensor:
+        """ln_f(C(ln_f(s))): the coda, the input of the head, (B, T, C)."""
         x = self.final_norm(state)
         for i, block in enumerate(self.coda):
             x = block(x, rope, None if kv_caches is None else kv_caches[i])
-        x = self.final_norm(x)
-        head_weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head_weight)
+        return self.final_norm(x)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embedding.weight if self.lm_head is None else self.lm_head.weight
+
+    def readout(self, state: torch.Tensor, rope: torch.Tensor, kv_caches=None) -> torch.Tensor:
+        """logits = head(ln_f(C(ln_f(s)))): the coda and the tied head, (B, T, V)."""
+        return F.linear(self.decode(state, rope, kv_caches), self.head_weight)
 
     def iterate(self, state, embedded, rope, num_steps: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_r, s_{r-1}) after n_no_grad + n_grad iterations."""
@@ -159,9 +166,14 @@ class RecurrentDepthModel(nn.Module):
         previous = state
         # The no-grad iterations keep no activations; only the last n_grad build a graph, so
         # memory grows with k, not with the sampled depth.
-        with torch.no_grad():
+        inference = self.config.no_grad_mode == "inference_mode" and n_no_grad > 0
+        with torch.inference_mode() if inference else torch.no_grad():
             for _ in range(n_no_grad):
                 previous, state = state, self.core_iteration(state, embedded, rope)
+        if inference:
+            # Tensors made under inference mode can never be saved for backward: what leaves it
+            # becomes a normal tensor (one (B, T, C) copy each).
+            previous, state = previous.clone(), state.clone()
         for _ in range(n_grad):
             if self.config.activation_checkpointing and torch.is_grad_enabled():
                 previous, state = state, checkpoint(self.core_iteration, state, embedded, rope, use_reentrant=False)
@@ -180,10 +192,15 @@ class RecurrentDepthModel(nn.Module):
         embedded = self.embed(input_ids, rope)
         state = input_states if input_states is not None else self.initial_state(embedded, init_scale)
         state, previous = self.iterate(state, embedded, rope, steps)
-        logits = self.readout(state, rope)  # (B, T, V)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        hidden = self.decode(state, rope)  # (B, T, C)
+        logits = loss = None
+        if labels is not None and not return_logits and self.config.loss_chunk_size > 0:
+            loss = linear_cross_entropy(hidden.flatten(0, 1), self.head_weight, labels.flatten(),
+                                        self.config.loss_chunk_size, IGNORE_INDEX)
+        else:
+            logits = F.linear(hidden, self.head_weight)  # (B, T, V)
+            if labels is not None:
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return ModelOutput(logits if return_logits else None, loss, state, steps, previous)
 
     # ---- bookkeeping ----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def build_deepspeed_config(run: RunConfig, world_size: int, load_universal: bool
         "gradient_clipping": run.optim.grad_clip,
         "zero_optimization": zero_section,
         "zero_allow_untested_optimizer": True,  # the client optimizers are torch's AdamW and AdamAtan2
-        "bf16": {"enabled": train.precision == "bf16"},
+        "bf16": {"enabled": train.precision == "bf16"},  # bf16 weights in the engine, fp32 master copy in ZeRO
         "fp16": {"enabled": False},
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
@@ -51,4 +51,6 @@ def build_deepspeed_config(run: RunConfig, world_size: int, load_universal: bool
         # and accumulated gradients in float32.
         config["communication_data_type"] = "fp32"
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+        if train.bf16_immediate_grad_update:
+            config["bf16"]["immediate_grad_update"] = True
     return config

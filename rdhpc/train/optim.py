@@ -71,10 +71,15 @@ class AdamAtan2(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, config: OptimConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
+    """AdamW fused (optim.fused; by default on GPUs) reads and writes about 28 bytes per parameter
+    per step, the one-op-at-a-time loop about 70: at 3.5B parameters ~25 ms instead of ~65 ms on an
+    H200. On the CPU the loop stays the reference the tests compare DeepSpeed against bit for bit."""
     groups = parameter_groups(model, config.weight_decay)
+    fused = config.fused if config.fused is not None else device_type == "cuda"
     if config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, foreach=False)
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                                 **({"fused": True} if fused else {"foreach": False}))
     if config.name == "adam-atan2":
         return AdamAtan2(groups, lr=config.lr, betas=config.betas, update_clip=config.update_clip)
     raise ValueError(f"unknown optimizer {config.name!r}")

@@ -18,7 +18,6 @@ requeued job continues from there.
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import math
 import os
@@ -28,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +38,10 @@ from rdhpc.data.loader import BatchLoader, ShardDataset, inputs_and_labels
 from rdhpc.distributed import RankInfo
 from rdhpc.errors import UserError
 from rdhpc.model import DepthSampler, RecurrentDepthModel
-from rdhpc.train.deepspeed_config import build_deepspeed_config
 from rdhpc.train.heartbeat import Heartbeat, diagnose
 from rdhpc.train.metrics import flops_per_token, peak_tflops
-from rdhpc.train.optim import LRSchedule, build_optimizer, skip_non_finite_steps
+from rdhpc.train.engine import attention_kernels, build_engine, quiet_deepspeed_deprecations, skip_deepspeed_shm_op
+from rdhpc.train.optim import LRSchedule
 
 LATEST = "latest"
 STATE_DIR = "rdhpc"
@@ -93,19 +91,6 @@ class ResumePoint:
         return self.load_tag != self.tag
 
 
-def _quiet_deepspeed_deprecations():
-    """DeepSpeed 0.19 calls torch APIs that torch 2.13 marks deprecated, once per rank per call
-    site: noise in every log, nothing a user can act on."""
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor` is deprecated", category=FutureWarning)
-
-
-def _skip_deepspeed_shm_op():
-    """deepspeed.initialize builds a shared-memory op used only for inference all-reduce on CPU; it
-    compiles for 30-60 s. Training never uses it."""
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
 class Trainer:
     def __init__(self, run: RunConfig, ranks: RankInfo, log=print):
         self.run, self.ranks = run, ranks
@@ -138,13 +123,12 @@ class Trainer:
             torch.cuda.set_device(self.device)
         else:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            _skip_deepspeed_shm_op()
-        _quiet_deepspeed_deprecations()
+            skip_deepspeed_shm_op()
+        quiet_deepspeed_deprecations()
         self._install_stop_handlers()  # first: a warning signal during set-up is a stop request too
         self.heartbeat.start()
         self.heartbeat.progress(0, "init process group")
         self._init_distributed(backend="nccl" if use_cuda else "gloo")
-        import deepspeed
 
         if run.train.preflight:
             from rdhpc.distributed.preflight import run_preflight
@@ -175,14 +159,11 @@ class Trainer:
             from rdhpc.export import load_initial_weights
 
             load_initial_weights(model, run.checkpoint.init_from, log=self.log)
-        self.ds_config = build_deepspeed_config(run, self.ranks.world_size,
-                                                load_universal=self.resume_point is not None and self.resume_point.universal)
         self.heartbeat.progress(0, "initialize engine")
-        optimizer = build_optimizer(model, run.optim)
-        if run.zero.stage == 0:
-            optimizer = skip_non_finite_steps(optimizer)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 config=self.ds_config)
+        self.engine, self.optimizer, self.ds_config = build_engine(
+            run, model, self.ranks.world_size, self.device,
+            load_universal=self.resume_point is not None and self.resume_point.universal)
+        self.attention_kernels = lambda: attention_kernels(run.train.sdpa_backend)
         self.sampler = DepthSampler.from_model_config(run.model, seed=run.train.seed)
         self.schedule = LRSchedule(run.schedule, run.optim.lr, run.train.max_steps)
         torch.manual_seed(run.train.seed + 1000 * self.ranks.rank)  # initial-state noise differs per rank
@@ -200,6 +181,12 @@ class Trainer:
         self.log(f"[train] {counts['total']:,} parameters on {self.ranks.world_size} rank(s) ({self.device.type}), "
                  f"ZeRO {run.zero.stage}, {run.train.precision}, global batch {run.train.global_batch_size} x "
                  f"{run.model.max_seq_len} tokens, {self.ds_config['gradient_accumulation_steps']} micro-step(s) per step")
+        tc, mc = run.train, run.model
+        self.log(f"[train] compile: {tc.compile_scope or 'off'}"
+                 f"{f' ({tc.compile_backend})' if tc.compile_scope else ''}, attention kernels: {tc.sdpa_backend}, "
+                 f"loss: {f'chunks of {mc.loss_chunk_size} tokens' if mc.loss_chunk_size else 'whole logits'}, "
+                 f"iterations without gradient: {mc.no_grad_mode}, activation checkpointing: "
+                 f"{'on' if mc.activation_checkpointing else 'off'}")
 
     def _init_distributed(self, backend: str):
         import deepspeed
@@ -386,8 +373,9 @@ class Trainer:
             micro_losses = []
             skipped_before = self.engine.skipped_steps
             for inputs, labels in step_batches:
-                out = self.engine(inputs.to(self.device), num_steps=(n_no_grad, n_grad), labels=labels.to(self.device),
-                                  return_logits=False)
+                with self.attention_kernels():
+                    out = self.engine(inputs.to(self.device), num_steps=(n_no_grad, n_grad),
+                                      labels=labels.to(self.device), return_logits=False)
                 loss_for_backward = out.loss
                 if self.step + 1 in self.nan_steps and self.ranks.is_main:
                     loss_for_backward = out.loss * float("nan")
@@ -484,8 +472,9 @@ class Trainer:
                 losses = []
                 for start in range(0, rows_per_rank, tc.micro_batch_size):
                     inputs, labels = inputs_and_labels(rows[start:start + tc.micro_batch_size], self.val_dataset.pad_id)
-                    out = self.engine(inputs.to(self.device), num_steps=depth, labels=labels.to(self.device),
-                                      return_logits=False)
+                    with self.attention_kernels():
+                        out = self.engine(inputs.to(self.device), num_steps=depth, labels=labels.to(self.device),
+                                          return_logits=False)
                     losses.append(out.loss.item())
                 results[depth] = sum(losses) / len(losses)
         means = self._mean_over_ranks([results[d] for d in tc.val_depths])

@@ -1,0 +1,195 @@
+"""The speed and memory switches of issue 7, each against the plain path it replaces (NOTES.md,
+"Training throughput"): same losses and gradients within float rounding."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rdhpc.config import ConfigError, load_config
+from rdhpc.model import RecurrentDepthModel, model_config_from_size
+from rdhpc.model.losses import linear_cross_entropy
+from rdhpc.model.recurrent_depth import IGNORE_INDEX
+from rdhpc.train.deepspeed_config import build_deepspeed_config
+from rdhpc.train.engine import attention_kernels, compile_model
+from rdhpc.train.optim import build_optimizer
+
+DEBUG_YAML = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
+
+
+def build(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return RecurrentDepthModel(model_config_from_size("debug", **overrides))
+
+
+def loss_and_grads(model, x, labels, num_steps=(3, 2), compute=None):
+    model.zero_grad(set_to_none=True)
+    out = (compute or model)(x, num_steps=num_steps, labels=labels, init_scale=0, return_logits=False)
+    out.loss.backward()
+    return out.loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same(reference, candidate, rtol=1e-5):
+    (loss0, grads0), (loss1, grads1) = reference, candidate
+    assert loss1.item() == pytest.approx(loss0.item(), rel=rtol)
+    assert grads0.keys() == grads1.keys()
+    for name, g0 in grads0.items():
+        rel = ((grads1[name] - g0).norm() / g0.norm().clamp_min(1e-30)).item()
+        assert rel <= rtol, f"{name}: relative difference {rel:.2e}"
+
+
+def batch(seed=0, B=2, T=32, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (B, T), generator=g)
+    labels = torch.randint(0, vocab, (B, T), generator=g)
+    labels[0, :5] = IGNORE_INDEX  # padding the loss must skip
+    return x, labels
+
+
+# ---- (a) chunked linear + cross-entropy ----------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64, 1000])
+def test_chunked_linear_cross_entropy_equals_the_plain_loss_and_gradients(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    x = torch.randn(64, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (64,), generator=g)
+    labels[::5] = IGNORE_INDEX
+    plain = F.cross_entropy(F.linear(x, w), labels, ignore_index=IGNORE_INDEX)
+    dx0, dw0 = torch.autograd.grad(3.0 * plain, (x, w))  # a non-unit upstream gradient
+    fused = linear_cross_entropy(x, w, labels, chunk, IGNORE_INDEX)
+    dx1, dw1 = torch.autograd.grad(3.0 * fused, (x, w))
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=0)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(dw1, dw0, rtol=1e-10, atol=1e-14)
+
+
+def test_chunked_loss_in_the_model_matches_the_plain_head_in_float32():
+    x, labels = batch()
+    plain = loss_and_grads(build(), x, labels)
+    for chunk in (5, 64):
+        assert_same(plain, loss_and_grads(build(loss_chunk_size=chunk), x, labels))
+    # asked for logits, the model still returns them (and the same loss)
+    model = build(loss_chunk_size=5)
+    out = model(x, num_steps=(1, 1), labels=labels, init_scale=0, return_logits=True)
+    assert out.logits.shape == (2, 32, 512)
+
+
+def test_chunked_loss_keeps_no_float32_logits():
+    """The saved tensors of the head: with chunks, one (N, V) gradient in the model's dtype instead of
+    the float32 log-softmax and logits."""
+    x, labels = batch(T=64)
+
+    def largest_saved(model):
+        sizes = []
+
+        def pack(t):
+            sizes.append((t.numel(), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, num_steps=(0, 1), labels=labels, init_scale=0, return_logits=False)
+        return [s for s in sizes if s[0] >= 2 * 64 * 512]  # tensors as large as the (B*T, V) logits
+
+    plain = largest_saved(build().to(torch.bfloat16))
+    assert (2 * 64 * 512, torch.float32) in plain, plain  # the float32 log-softmax
+    assert largest_saved(build(loss_chunk_size=16).to(torch.bfloat16)) == [(2 * 64 * 512, torch.bfloat16)]
+
+
+# ---- (e) the iterations without gradient under inference mode -------------------------------------
+
+def test_inference_mode_iterations_give_the_same_gradients():
+    x, labels = batch()
+    reference = loss_and_grads(build(), x, labels)
+    model = build(no_grad_mode="inference_mode")
+    assert_same(reference, loss_and_grads(model, x, labels), rtol=0)  # bit-identical
+    out = model(x, num_steps=(3, 1), labels=labels, init_scale=0)
+    assert not out.latent_state.is_inference() and not out.previous_state.is_inference()
+    # every split of a depth, none without grad included, and validation (no grad at all)
+    for steps in ((0, 2), (4, 0), (1, 1)):
+        model(x, num_steps=steps, labels=labels).loss.backward() if steps[1] else None
+    with torch.no_grad():
+        model(x, num_steps=4, labels=labels)
+
+
+def test_the_state_leaving_inference_mode_is_a_normal_tensor():
+    """A tensor made under inference mode can never be saved for backward nor changed in place
+    outside it; iterate() hands out copies, so every caller may use the state as before."""
+    model = build(no_grad_mode="inference_mode")
+    e = torch.randn(1, 8, 64, requires_grad=True)
+    rope = model.rope(8, "cpu")
+    w = torch.ones(64, requires_grad=True)
+    with torch.inference_mode():
+        state = model.core_iteration(torch.zeros(1, 8, 64), e, rope)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        (state * w).sum().backward()
+    state, previous = model.iterate(torch.zeros(1, 8, 64), e, rope, (3, 0))
+    assert not state.is_inference() and not previous.is_inference()
+    (state * w + previous * w).sum().backward()
+    state.add_(1)
+
+
+# ---- (b) compile scopes, (d) attention kernels -----------------------------------------------------
+
+@pytest.mark.parametrize("scope", ["core", "model"])
+def test_compiled_scopes_give_the_eager_gradients(scope):
+    """aot_eager: dynamo's graph capture and AOTAutograd's joint graph, without inductor's code
+    generation (minutes on these CPUs); the chunked loss's autograd.Function is traced too."""
+    torch._dynamo.reset()
+    x, labels = batch()
+    reference = loss_and_grads(build(loss_chunk_size=16), x, labels)
+    model = compile_model(build(loss_chunk_size=16), scope, backend="aot_eager")
+    assert_same(reference, loss_and_grads(model, x, labels))
+    assert_same(reference, loss_and_grads(model, x, labels))  # the cached graphs, second call
+    names = [n for n, _ in model.named_parameters()]
+    assert names == [n for n, _ in build().named_parameters()]  # checkpoints keep their keys
+
+
+def test_compiled_core_under_inference_mode():
+    torch._dynamo.reset()
+    x, labels = batch()
+    reference = loss_and_grads(build(), x, labels)
+    model = compile_model(build(no_grad_mode="inference_mode"), "core", backend="aot_eager")
+    assert_same(reference, loss_and_grads(model, x, labels))
+
+
+@pytest.mark.parametrize("backend", ["math", "flash"])
+def test_attention_kernel_choice_keeps_the_loss(backend):
+    x, labels = batch()
+    reference = loss_and_grads(build(), x, labels)
+    with attention_kernels(backend):
+        assert_same(reference, loss_and_grads(build(), x, labels), rtol=1e-4)
+
+
+# ---- the config of the switches --------------------------------------------------------------------
+
+def test_switches_are_validated_when_the_config_loads():
+    assert load_config(DEBUG_YAML).train.compile_scope is None
+    assert load_config(DEBUG_YAML, ["train.compile=true"]).train.compile_scope == "core"
+    assert load_config(DEBUG_YAML, ["train.compile=model"]).train.compile_scope == "model"
+    with pytest.raises(ConfigError) as err:
+        load_config(DEBUG_YAML, ["train.compile=everything", "train.sdpa_backend=fast", "model.no_grad_mode=x",
+                                           "model.loss_chunk_size=-1", "optim.name=adam-atan2", "optim.fused=true",
+                                           "train.bf16_immediate_grad_update=true", "train.compile=3"])
+    text = str(err.value)
+    for key in ("train.compile: expected bool or str", "train.sdpa_backend", "model.no_grad_mode",
+                "model.loss_chunk_size", "optim.fused", "train.bf16_immediate_grad_update"):
+        assert key in text, key
+    with pytest.raises(ConfigError, match="zero.stage 3"):
+        load_config(DEBUG_YAML, ["train.compile=core", "zero.stage=3"])
+
+
+def test_deepspeed_config_of_the_switches():
+    run = load_config(DEBUG_YAML, ["train.precision=bf16", "train.bf16_immediate_grad_update=true"])
+    assert build_deepspeed_config(run, 2)["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert build_deepspeed_config(load_config(DEBUG_YAML), 2)["bf16"] == {"enabled": False}
+
+
+def test_fused_adamw_on_gpus_by_default():
+    model = build()
+    run = load_config(DEBUG_YAML)
+    assert build_optimizer(model, run.optim, "cuda").defaults["fused"] is True
+    assert build_optimizer(model, run.optim, "cpu").defaults["foreach"] is False
+    run = load_config(DEBUG_YAML, ["optim.fused=true"])
+    assert build_optimizer(model, run.optim, "cpu").defaults["fused"] is True
