@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import engine_step, plain_step, single_rank_environment, time_steps  # noqa: E402
 
 
 def main() -> int:
@@ -31,8 +29,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29617",
-                      DS_ACCELERATOR="cpu")
+    single_rank_environment(cpu=True)
     import torch
 
     from data_prep.shards import ShardSettings, run_shards
@@ -56,30 +53,12 @@ def main() -> int:
     batches = [b for _, b in zip(range(args.steps), trainer.loader)]
     depths = [trainer.sampler(s) for s in range(args.steps)]
 
-    def time_steps(step_fn) -> list[float]:
-        times = []
-        for s in range(args.steps):
-            start = time.perf_counter()
-            step_fn(s)
-            times.append(time.perf_counter() - start)
-        return times[args.warmup:]
-
-    def trainer_step(s):
-        for inputs, labels in batches[s]:
-            out = trainer.engine(inputs, num_steps=depths[s], labels=labels, return_logits=False)
-            trainer.engine.backward(out.loss)
-            trainer.engine.step()
+    def timed(step_fn) -> list[float]:
+        return time_steps(step_fn, args.steps, "cpu")[0][args.warmup:]
 
     torch.manual_seed(0)
     model = RecurrentDepthModel(run.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.optim.lr, foreach=False)
-
-    def plain_step(s):
-        optimizer.zero_grad(set_to_none=True)
-        for inputs, labels in batches[s]:
-            model(inputs, num_steps=depths[s], labels=labels, return_logits=False).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), run.optim.grad_clip)
-        optimizer.step()
 
     metrics = work / "run" / "metrics.jsonl"
 
@@ -93,8 +72,8 @@ def main() -> int:
     # interleave the paths in rounds so machine noise hits all alike
     engine_times, plain_times, loop_times = [], [], []
     for _ in range(2):
-        engine_times += time_steps(trainer_step)
-        plain_times += time_steps(plain_step)
+        engine_times += timed(lambda s: engine_step(trainer.engine, batches[s], depths[s]))
+        plain_times += timed(lambda s: plain_step(model, optimizer, batches[s], depths[s], run.optim.grad_clip))
         loop_times += full_loop_times()
     e, p, t = (statistics.median(x) for x in (engine_times, plain_times, loop_times))
     print(f"median step: plain PyTorch {1000 * p:.1f} ms; DeepSpeed engine (ZeRO 1, fp32, 1 rank) {1000 * e:.1f} ms "
