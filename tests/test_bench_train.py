@@ -60,3 +60,19 @@ def test_bf16_engine_with_every_switch_tracks_the_autocast_reference(tmp_path):
     reference = paths["plain-eager"]["losses"]
     assert paths["engine"]["losses"] == pytest.approx(reference, rel=1e-2)
     assert paths["fast"]["losses"] == pytest.approx(paths["engine"]["losses"], rel=2e-3)
+
+
+def test_activation_memory_tool_counts_what_backward_keeps(tmp_path):
+    def total(*args):
+        out = tmp_path / "mem.json"
+        done = subprocess.run([sys.executable, "tools/activation_memory.py", "--shape", "debug", "--seq-len", "64",
+                               "--depth", "3,2", "--json", str(out), *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "saved for backward" in done.stdout
+        return json.loads(out.read_text())["total_bytes"]
+
+    plain = total()
+    assert 0 < total("--set", "model.activation_checkpointing=true") < plain
+    # k = 2 iterations with gradient keep twice what k = 1 keeps of the core
+    assert total("--depth", "3,1") < plain < total("--depth", "3,4")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from rdhpc.config import ConfigError, load_config
 from rdhpc.model import RecurrentDepthModel, model_config_from_size
+from rdhpc.model.layers import RMSNorm, SandwichBlock, apply_rope, rope_table
 from rdhpc.model.losses import linear_cross_entropy
 from rdhpc.model.recurrent_depth import IGNORE_INDEX
 from rdhpc.train.deepspeed_config import build_deepspeed_config
@@ -45,6 +46,53 @@ def batch(seed=0, B=2, T=32, vocab=512):
     labels = torch.randint(0, vocab, (B, T), generator=g)
     labels[0, :5] = IGNORE_INDEX  # padding the loss must skip
     return x, labels
+
+
+# ---- (c) RMSNorm and RoPE with their own backward ---------------------------------------------------
+
+def plain_rms_norm(x, weight, eps):
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+    out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (out * weight.to(x32.dtype) if weight is not None else out).type_as(x)
+
+
+def plain_rope(x, table):
+    x2 = x.to(table.dtype).unflatten(-1, (-1, 2))
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    return torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], -1).flatten(-2).type_as(x)
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_rms_norm_and_rope_backward_equal_autograd_through_the_plain_ops(learnable):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    norm = RMSNorm(16, 1e-6, learnable).double()
+    if learnable:
+        norm.weight.data = torch.randn(16, generator=g, dtype=torch.float64)
+    upstream = torch.randn(2, 7, 3, 16, generator=g, dtype=torch.float64)
+    for ours, plain, params in (
+            (norm, lambda t: plain_rms_norm(t, norm.weight, 1e-6), [x] + list(norm.parameters())),
+            (lambda t: apply_rope(t, rope_table(16, 7, 50000.0, dtype=torch.float64)),
+             lambda t: plain_rope(t, rope_table(16, 7, 50000.0, dtype=torch.float64)), [x])):
+        expected = torch.autograd.grad((plain(x) * upstream).sum(), params)
+        out = ours(x)
+        torch.testing.assert_close(out, plain(x), rtol=1e-14, atol=0)
+        for got, want in zip(torch.autograd.grad((out * upstream).sum(), params), expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_bf16_block_saves_no_float32_activation():
+    """What backward keeps of one sandwich block in bf16: activations in bf16, float32 only for
+    the per-row rsqrt of the norms (and the attention kernel's own statistics)."""
+    torch.manual_seed(0)
+    config = model_config_from_size("debug")
+    block = SandwichBlock(config).to(torch.bfloat16)
+    x = torch.randn(2, 32, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        block(x, rope_table(16, 32, 50000.0))
+    large_fp32 = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.numel() >= 2 * 32 * 64]
+    assert large_fp32 == [], large_fp32
 
 
 # ---- (a) chunked linear + cross-entropy ----------------------------------------------------------
