@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   set up .venv and run the main job on its embedded default
 #   make test   set up .venv and run the test suite
+#   make device-wheels   DeepSpeed and its missing dependencies as wheels in .whl/ for tools/device_bench.sh
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean device-wheels
 
 setup: $(STAMP)
 
@@ -23,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+device-wheels: $(STAMP)
+	$(PY) tools/device_wheels.py --out .whl
 
 clean:
 	rm -rf $(VENV) runs

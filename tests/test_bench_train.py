@@ -76,3 +76,21 @@ def test_activation_memory_tool_counts_what_backward_keeps(tmp_path):
     assert 0 < total("--set", "model.activation_checkpointing=true") < plain
     # k = 2 iterations with gradient keep twice what k = 1 keeps of the core
     assert total("--depth", "3,1") < plain < total("--depth", "3,4")
+
+
+def test_device_script_rehearses_on_the_cpu(tmp_path):
+    """tools/device_bench.sh, the prepared H200 check, at the debug shape: every stage runs and
+    leaves its JSON, and no more files than the device tool brings back (8)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path), "RDHPC_BENCH_SHAPE": "debug",
+           "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(["bash", "tools/device_bench.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("attention", "main", "parts"):
+        assert f"[device] {name}: exit 0" in done.stdout, done.stdout[-3000:]
+    main = json.loads((tmp_path / "main.json").read_text())
+    assert list(main["paths"]) == ["plain-eager", "fast"] and main["precision"] == "bf16"
+    assert list(json.loads((tmp_path / "parts.json").read_text())["paths"]) == ["plain-core", "uncompiled"]
+    assert json.loads((tmp_path / "attention.json").read_text())["backends"]["math"]["available"]
+    assert "issue 7 reference" in (tmp_path / "summary.txt").read_text()
+    assert len(list(tmp_path.iterdir())) <= 8
