@@ -124,6 +124,20 @@ def test_chunked_loss_in_the_model_matches_the_plain_head_in_float32():
     assert out.logits.shape == (2, 32, 512)
 
 
+def test_chunked_loss_under_autocast_computes_the_head_in_bf16():
+    x, labels = batch()
+    grads = {}
+    for chunk in (0, 16):
+        model = build(loss_chunk_size=chunk)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, num_steps=(1, 1), labels=labels, init_scale=0, return_logits=False).loss
+        loss.backward()
+        grads[chunk] = (loss.item(), model.embedding.weight.grad)
+    assert grads[16][1].dtype == torch.float32
+    assert grads[16][0] == pytest.approx(grads[0][0], rel=1e-3)
+    assert ((grads[16][1] - grads[0][1]).norm() / grads[0][1].norm()).item() < 2e-2
+
+
 def test_chunked_loss_keeps_no_float32_logits():
     """The saved tensors of the head: with chunks, one (N, V) gradient in the model's dtype instead of
     the float32 log-softmax and logits."""
