@@ -215,8 +215,9 @@ def _open_piece(path: Path, dtype: str):
     if tokens_path.stat().st_size != expected:
         raise PrepError(f"{tokens_path}: {tokens_path.stat().st_size} bytes, its index says {expected} "
                         "(delete the .work folder and run again)")
-    # memory-mapped: a shard reads only its own documents' pages
-    values = np.memmap(tokens_path, dtype=dtype, mode="r") if expected else np.empty(0, dtype=dtype)
+    # memory-mapped: a shard reads only its own documents' pages. A plain ndarray over the map:
+    # slicing a np.memmap runs Python code per slice (twice the whole pack stage's packing time).
+    values = np.asarray(np.memmap(tokens_path, dtype=dtype, mode="r")) if expected else np.empty(0, dtype=dtype)
     return keys, val, copies.astype(np.int64), offsets, values
 
 
