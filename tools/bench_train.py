@@ -16,8 +16,9 @@ step, so their losses must agree: exactly in fp32, within bf16 noise in bf16):
   overrides on top of the common ones; repeatable. Default: one path `engine` as configured.
 
 Each path: median of --steps warm steps (CUDA events on a GPU, perf_counter on the CPU), tokens/s,
-model TFLOP/s (rdhpc.train.metrics.flops_per_token of the fixed depth), MFU against the device's
-peak (rdhpc.train.metrics.peak_tflops), peak memory (torch.cuda.max_memory_allocated; on the CPU
+model TFLOP/s (rdhpc.train.metrics.flops_per_token of the fixed depth; `*_causal`: attention counted
+for its causal half, as issue 7's figures are), MFU against the device's peak
+(rdhpc.train.metrics.peak_tflops), peak memory (torch.cuda.max_memory_allocated; on the CPU
 only the process's peak resident memory, for all paths together), the loss of every step. The
 model shape, optimizer and switches come from --config / --shape / --set (`--set` applies to every
 path), exactly as `rdhpc train` reads them.
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
 
     tokens_per_step = args.micro_batch * seq_len
     flops_token = flops_per_token(run.model, seq_len, *depth)
+    flops_token_causal = flops_per_token(run.model, seq_len, *depth, causal=True)  # issue 7's convention
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     peak, peak_source = peak_tflops(device, dtype, run.train.peak_tflops_per_device)
     gemm = None
@@ -155,9 +157,11 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - started
         median = statistics.median(times[args.warmup:])
         tflops = tokens_per_step * flops_token / median / 1e12
+        tflops_causal = tokens_per_step * flops_token_causal / median / 1e12
         entry = {
             "step_s": median, "step_s_all": times, "first_step_s": times[0], "wall_s": wall,
             "tokens_per_s": tokens_per_step / median, "tflops": tflops, "mfu": tflops / peak,
+            "tflops_causal": tflops_causal, "mfu_causal": tflops_causal / peak,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
             "allocated_before_gib": allocated_before / 2 ** 30 if device.type == "cuda" else None,
             "losses": [float(x) for x in losses],
@@ -205,7 +209,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "deepspeed": deepspeed.__version__,
         "model": run.model.to_dict(), "precision": precision, "seq_len": seq_len, "micro_batch": args.micro_batch,
         "depth": list(depth), "steps": args.steps, "warmup": args.warmup,
-        "tokens_per_step": tokens_per_step, "flops_per_token": flops_token,
+        "tokens_per_step": tokens_per_step, "flops_per_token": flops_token, "flops_per_token_causal": flops_token_causal,
         "peak_tflops": peak, "peak_source": peak_source, "gemm_bf16_8192_tflops": gemm,
         "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
         "common_overrides": common, "paths": results,

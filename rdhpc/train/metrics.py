@@ -5,7 +5,8 @@ same FLOPs. Here a step with n iterations without gradient and k with gradient c
     prelude, coda, head:  forward + backward (3 x 2 flops per parameter per token)
     core and adapter:     forward for n + k iterations, backward for the last k (2 x 2 per parameter)
     attention scores:     4 * T * h per layer and token forward (QK^T and AV, full T: no causal discount,
-                          the usual convention), x3 where the layer is back-propagated
+                          the usual convention), x3 where the layer is back-propagated; `causal=True`
+                          counts half (the work a causal kernel does: issue 7's figures count so)
 No recompute is counted: activation checkpointing costs time, not model FLOPs.
 """
 
@@ -18,9 +19,9 @@ def _block_params(c: ModelConfig) -> int:
     return 4 * c.hidden_size ** 2 + 3 * c.hidden_size * c.intermediate_size
 
 
-def flops_per_token(c: ModelConfig, seq_len: int, n_no_grad: int, n_grad: int) -> float:
+def flops_per_token(c: ModelConfig, seq_len: int, n_no_grad: int, n_grad: int, causal: bool = False) -> float:
     h = c.hidden_size
-    attention_fwd = 4 * seq_len * h  # per layer per token
+    attention_fwd = (2 if causal else 4) * seq_len * h  # per layer per token
     outer_layers = c.num_prelude_layers + c.num_coda_layers
     outer = outer_layers * _block_params(c) + c.padded_vocab_size * h  # + the head (the embedding lookup is free)
     core = c.num_core_layers * _block_params(c) + (2 * h * h if c.injection_type == "linear" else 0)
