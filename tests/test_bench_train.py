@@ -49,7 +49,7 @@ def test_fp32_engine_and_plain_paths_agree_exactly(tmp_path):
 def test_bf16_engine_with_every_switch_tracks_the_autocast_reference(tmp_path):
     """DeepSpeed's bf16 weights against the paper's recipe (float32 weights under bf16 autocast):
     the same losses within bf16 noise; and each switch leaves the engine's losses where they were."""
-    switches = ("train.compile=core model.loss_chunk_size=16 model.no_grad_mode=inference_mode "
+    switches = ("train.compile=core model.loss_chunk_size=16 model.no_grad_mode=inference_mode model.hoist_injection=true "
                 "train.bf16_immediate_grad_update=true train.sdpa_backend=math")
     result, _ = bench(tmp_path, "--precision", "bf16", "--set", "train.compile_backend=aot_eager",
                       "--engine", "engine", "--engine", f"fast: {switches}")
@@ -74,6 +74,7 @@ def test_activation_memory_tool_counts_what_backward_keeps(tmp_path):
 
     plain = total()
     assert 0 < total("--set", "model.activation_checkpointing=true") < plain
+    assert 0 < total("--set", "model.loss_chunk_size=16", "--set", "model.hoist_injection=true") < plain
     # k = 2 iterations with gradient keep twice what k = 1 keeps of the core
     assert total("--depth", "3,1") < plain < total("--depth", "3,4")
 

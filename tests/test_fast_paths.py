@@ -192,6 +192,23 @@ def test_the_state_leaving_inference_mode_is_a_normal_tensor():
     state.add_(1)
 
 
+# ---- the loop-invariant half of the adapter ---------------------------------------------------------
+
+def test_hoisted_injection_gives_the_same_gradients():
+    x, labels = batch()
+    reference = loss_and_grads(build(), x, labels)
+    assert_same(reference, loss_and_grads(build(hoist_injection=True), x, labels))
+    assert_same(reference, loss_and_grads(build(hoist_injection=True, activation_checkpointing=True), x, labels))
+    torch._dynamo.reset()
+    compiled = compile_model(build(hoist_injection=True, no_grad_mode="inference_mode"), "core", backend="aot_eager")
+    assert_same(reference, loss_and_grads(compiled, x, labels))
+    additive = dict(injection_type="add", norm_type="rmsnorm-parameter-free")  # no adapter: nothing to hoist
+    assert_same(loss_and_grads(build(**additive), x, labels), loss_and_grads(build(hoist_injection=True, **additive),
+                                                                              x, labels), rtol=0)
+    with pytest.raises(ConfigError, match="hoist_injection"):
+        load_config(DEBUG_YAML, ["model.hoist_injection=true", "zero.stage=3"])
+
+
 # ---- (b) compile scopes, (d) attention kernels -----------------------------------------------------
 
 @pytest.mark.parametrize("scope", ["core", "model"])

@@ -191,7 +191,8 @@ def test_speed_switches_train_as_the_plain_run(tmp_path, shards, straight):
     straight, _ = straight
     run_dir = tmp_path / "switches"
     done = launch(tmp_path, shards, run_dir, "train.max_steps=8", "train.compile=core", "train.compile_backend=aot_eager",
-                  "model.loss_chunk_size=50", "model.no_grad_mode=inference_mode", "train.sdpa_backend=math")
+                  "model.loss_chunk_size=50", "model.no_grad_mode=inference_mode", "train.sdpa_backend=math",
+                  "model.hoist_injection=true")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compile: core (aot_eager), attention kernels: math, loss: chunks of 50 tokens" in done.stdout
     reference = losses(straight)

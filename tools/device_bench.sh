@@ -45,8 +45,8 @@ else  # a quick rehearsal of the same stages (CPU: graph capture only, no code g
     COMPILER=${RDHPC_BENCH_COMPILE_BACKEND:-aot_eager}
 fi
 # the engine path's switches (NOTES.md, "Training throughput"); sdpa_backend stays auto
-FAST="train.compile=core model.loss_chunk_size=1024 model.no_grad_mode=inference_mode train.bf16_immediate_grad_update=true"
-UNCOMPILED="model.loss_chunk_size=1024 model.no_grad_mode=inference_mode train.bf16_immediate_grad_update=true"
+FAST="train.compile=core model.loss_chunk_size=1024 model.no_grad_mode=inference_mode model.hoist_injection=true train.bf16_immediate_grad_update=true"
+UNCOMPILED="model.loss_chunk_size=1024 model.no_grad_mode=inference_mode model.hoist_injection=true train.bf16_immediate_grad_update=true"
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem --format=csv 2>&1 \

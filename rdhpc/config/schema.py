@@ -347,6 +347,9 @@ class RunConfig:
             out.append(f"schedule.cooldown_steps: warmup_steps + cooldown_steps = "
                        f"{self.schedule.warmup_steps + self.schedule.cooldown_steps} exceeds train.max_steps = "
                        f"{self.train.max_steps}")
+        if self.model.hoist_injection and self.zero.stage == 3:
+            out.append("model.hoist_injection: not with zero.stage 3 (it reads the adapter's weight without calling "
+                       "the adapter, so ZeRO 3 would not gather it)")
         if self.train.compile_scope is not None and self.zero.stage == 3:
             out.append("train.compile: not with zero.stage 3 (its parameter gathering hooks fire inside the compiled "
                        "region); use stage 1 or 2")

@@ -62,7 +62,8 @@ def linear_cross_entropy(x_NC: torch.Tensor, weight_VC: torch.Tensor, labels_N: 
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     device_type = x_NC.device.type
-    if torch.is_autocast_enabled(device_type):  # what F.linear does under autocast, done once, not per chunk
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        # what F.linear does under autocast, done once, not per chunk
         dtype = torch.get_autocast_dtype(device_type)
         x_NC, weight_VC = x_NC.to(dtype), weight_VC.to(dtype)
     return _LinearCrossEntropy.apply(x_NC, weight_VC, labels_N, chunk_size, ignore_index)

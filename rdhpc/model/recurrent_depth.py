@@ -135,9 +135,12 @@ class RecurrentDepthModel(nn.Module):
         return x
 
     def core_iteration(self, state: torch.Tensor, embedded: torch.Tensor, rope: torch.Tensor,
-                       kv_caches=None) -> torch.Tensor:
-        """One application of the recurrent core: s_i = R(A([s_{i-1} ; e]))."""
-        if self.adapter is not None:
+                       kv_caches=None, injected: torch.Tensor | None = None) -> torch.Tensor:
+        """One application of the recurrent core: s_i = R(A([s_{i-1} ; e])). `injected`: A_e e, the
+        half of A([s ; e]) that is the same at every iteration, computed once (see `injection`)."""
+        if self.adapter is not None and injected is not None:
+            x = F.linear(state, self.adapter.weight[:, :self.config.hidden_size]) + injected
+        elif self.adapter is not None:
             x = self.adapter(torch.cat([state, embedded], dim=-1))
         else:
             x = state + embedded
@@ -160,25 +163,35 @@ class RecurrentDepthModel(nn.Module):
         """logits = head(ln_f(C(ln_f(s)))): the coda and the tied head, (B, T, V)."""
         return F.linear(self.decode(state, rope, kv_caches), self.head_weight)
 
+    def injection(self, embedded: torch.Tensor) -> torch.Tensor | None:
+        """A_e e (the e-columns of the adapter applied to e) when model.hoist_injection asks for it:
+        A [s ; e] = A_s s + A_e e, and A_e e is loop-invariant, so each iteration multiplies by an
+        (h, h) matrix instead of (h, 2h) and concatenates nothing. None otherwise."""
+        if not self.config.hoist_injection or self.adapter is None:
+            return None
+        return F.linear(embedded, self.adapter.weight[:, self.config.hidden_size:])
+
     def iterate(self, state, embedded, rope, num_steps: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_r, s_{r-1}) after n_no_grad + n_grad iterations."""
         n_no_grad, n_grad = num_steps
         previous = state
+        injected = self.injection(embedded)
         # The no-grad iterations keep no activations; only the last n_grad build a graph, so
         # memory grows with k, not with the sampled depth.
         inference = self.config.no_grad_mode == "inference_mode" and n_no_grad > 0
         with torch.inference_mode() if inference else torch.no_grad():
             for _ in range(n_no_grad):
-                previous, state = state, self.core_iteration(state, embedded, rope)
+                previous, state = state, self.core_iteration(state, embedded, rope, None, injected)
         if inference:
             # Tensors made under inference mode can never be saved for backward: what leaves it
             # becomes a normal tensor (one (B, T, C) copy each).
             previous, state = previous.clone(), state.clone()
         for _ in range(n_grad):
             if self.config.activation_checkpointing and torch.is_grad_enabled():
-                previous, state = state, checkpoint(self.core_iteration, state, embedded, rope, use_reentrant=False)
+                previous, state = state, checkpoint(self.core_iteration, state, embedded, rope, None, injected,
+                                                    use_reentrant=False)
             else:
-                previous, state = state, self.core_iteration(state, embedded, rope)
+                previous, state = state, self.core_iteration(state, embedded, rope, None, injected)
         return state, previous
 
     def forward(self, input_ids: torch.Tensor, num_steps=None, labels: torch.Tensor | None = None,
