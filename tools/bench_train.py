@@ -172,7 +172,31 @@ def main(argv=None) -> int:
               f"{tflops:8.3f} TFLOP/s  MFU {100 * entry['mfu']:5.1f}%  peak {mem}  loss {entry['losses'][0]:.4f}  "
               f"(first step {times[0]:.2f} s)", flush=True)
 
+    def summarize() -> dict:
+        """Every figure so far; written to --json after each path, so a run stopped by a time limit
+        keeps the paths it finished."""
+        names = list(results)
+        first = {n: results[n]["losses"][0] for n in names}
+        summary = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"cpu ({torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "model": run.model.to_dict(), "precision": precision, "seq_len": seq_len, "micro_batch": args.micro_batch,
+            "depth": list(depth), "steps": args.steps, "warmup": args.warmup,
+            "tokens_per_step": tokens_per_step, "flops_per_token": flops_token,
+            "flops_per_token_causal": flops_token_causal,
+            "peak_tflops": peak, "peak_source": peak_source, "gemm_bf16_8192_tflops": gemm,
+            "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "common_overrides": common, "paths": results,
+            "speedup_vs": {ref: {n: results[ref]["step_s"] / results[n]["step_s"] for n in names} for ref in names},
+            "first_loss_rel_diff": {n: abs(first[n] - first[names[0]]) / abs(first[names[0]]) for n in names},
+        }
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
     def release():  # what one path held, before the next builds its own
+        summarize()
         gc.collect()
         torch._dynamo.reset()
         if device.type == "cuda":
@@ -201,29 +225,13 @@ def main(argv=None) -> int:
         model = engine = None
         release()
 
+    summary = summarize()
     names = list(results)
-    reference = names[0]
-    first_losses = {n: results[n]["losses"][0] for n in names}
-    summary = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-        "model": run.model.to_dict(), "precision": precision, "seq_len": seq_len, "micro_batch": args.micro_batch,
-        "depth": list(depth), "steps": args.steps, "warmup": args.warmup,
-        "tokens_per_step": tokens_per_step, "flops_per_token": flops_token, "flops_per_token_causal": flops_token_causal,
-        "peak_tflops": peak, "peak_source": peak_source, "gemm_bf16_8192_tflops": gemm,
-        "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-        "common_overrides": common, "paths": results,
-        "speedup_vs": {ref: {n: results[ref]["step_s"] / results[n]["step_s"] for n in names} for ref in names},
-        "first_loss_rel_diff": {n: abs(first_losses[n] - first_losses[reference]) / abs(first_losses[reference])
-                                for n in names},
-    }
     print(f"[bench] {tokens_per_step} tokens/step, depth {depth[0]}+{depth[1]}, {flops_token / 1e9:.3f} GFLOP/token, "
           f"MFU against {peak:.4g} TFLOP/s ({peak_source})" + (f"; bf16 8192^3 GEMM {gemm:.0f} TFLOP/s" if gemm else ""))
     for n in names[1:]:
-        print(f"[bench] {n} / {reference}: {summary['speedup_vs'][reference][n]:.3f}x faster, first-step loss "
+        print(f"[bench] {n} / {names[0]}: {summary['speedup_vs'][names[0]][n]:.3f}x faster, first-step loss "
               f"differs by {summary['first_loss_rel_diff'][n]:.2e} (relative)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     return 0
 
 
