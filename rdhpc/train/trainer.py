@@ -187,6 +187,9 @@ class Trainer:
                  f"loss: {f'chunks of {mc.loss_chunk_size} tokens' if mc.loss_chunk_size else 'whole logits'}, "
                  f"iterations without gradient: {mc.no_grad_mode}, activation checkpointing: "
                  f"{'on' if mc.activation_checkpointing else 'off'}")
+        if tc.compile_scope == "model" and mc.sampling_scheme != "fixed":
+            self.log("[train] warning: train.compile 'model' compiles a new graph for every new sampled depth "
+                     "(and falls back to eager after a few); 'core' compiles one graph for all depths")
 
     def _init_distributed(self, backend: str):
         import deepspeed
