@@ -42,7 +42,7 @@ def cmd_generate(args) -> int:
                               warm_start=args.warm_start, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, init_scale=args.init_scale, seed=args.seed)
     results = generate_text(args.checkpoint, args.prompt, config, tokenizer=args.tokenizer,
-                            add_bos=not args.no_bos, device=args.device)
+                            add_bos=not args.no_bos, device=args.device, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
@@ -102,6 +102,7 @@ def add_tool_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one recorded with the checkpoint)")
     p.add_argument("--no-bos", action="store_true", help="do not start the prompt with the BOS token")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (any lengths: left-padded)")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)

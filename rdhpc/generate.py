@@ -20,6 +20,10 @@ tokens attend to the deepest entry available for an exited token. With `cache_sl
 reads and writes slot i mod k: the cache holds k entries per core block whatever the depth. Rows of
 a batch exit independently (an exited row keeps its state and its cache entries).
 
+Prompts of different lengths share a batch by LEFT padding: every attention masks the padding keys
+of its row (a padding query sees only itself, so no row of scores is empty), and since rotary
+attention depends only on the distance between positions, each row computes what it would alone.
+
 Shape legend: B batch, T new tokens, L cache positions, S slots, H heads, D head dim, C hidden, V vocab.
 """
 
@@ -97,11 +101,14 @@ class GenerationResult:
 
 
 class KVCache:
-    """Keys and values of one block for `num_slots` iterations: (S, B, L, H, D) each, preallocated."""
+    """Keys and values of one block for `num_slots` iterations: (S, B, L, H, D) each, preallocated.
+    `key_valid` (B, L), when given, marks the positions that hold a real token (not left padding)."""
 
-    def __init__(self, num_slots: int, batch: int, max_len: int, heads: int, head_dim: int, dtype, device):
+    def __init__(self, num_slots: int, batch: int, max_len: int, heads: int, head_dim: int, dtype, device,
+                 key_valid: torch.Tensor | None = None):
         self.k = torch.zeros(num_slots, batch, max_len, heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self.key_valid = key_valid
 
     @property
     def nbytes(self) -> int:
@@ -147,16 +154,25 @@ class SlotView:
         mask = None
         if T > 1:  # new token t (at start + t) sees every cached position and the new ones up to itself
             mask = torch.ones(T, end, dtype=torch.bool, device=k_BTHD.device).tril(diagonal=self.start)
+        if self.cache.key_valid is not None:  # left-padded rows: no query sees a padding key ...
+            valid = self.cache.key_valid[:, None, None, :end]
+            mask = valid if mask is None else mask & valid  # (B, 1, T, end)
+            if T > 1:  # ... except a padding query its own, so that its softmax has something to weigh
+                own = torch.arange(T, device=k_BTHD.device)
+                mask = mask.clone()
+                mask[:, :, own, self.start + own] = True
         return keys[:, :end].transpose(1, 2), values[:, :end].transpose(1, 2), mask
 
 
 class DecodeCache:
     """The caches of every block: prelude and coda one slot each, the core `core_slots` each."""
 
-    def __init__(self, model: RecurrentDepthModel, batch: int, max_len: int, core_slots: int):
+    def __init__(self, model: RecurrentDepthModel, batch: int, max_len: int, core_slots: int,
+                 key_valid: torch.Tensor | None = None):
         c = model.config
         p = next(model.parameters())
-        make = lambda slots: KVCache(slots, batch, max_len, c.num_heads, c.head_dim, p.dtype, p.device)  # noqa: E731
+        make = lambda slots: KVCache(slots, batch, max_len, c.num_heads, c.head_dim, p.dtype, p.device,  # noqa: E731
+                                     key_valid)
         self.prelude = [make(1) for _ in model.prelude]
         self.core = [make(core_slots) for _ in model.core]
         self.coda = [make(1) for _ in model.coda]
@@ -250,8 +266,20 @@ class Generator:
         return logits, state, depth
 
     @torch.no_grad()
-    def generate(self, prompt_BT: torch.Tensor, keep_logits: bool = False) -> GenerationResult:
+    def generate(self, prompt_BT: torch.Tensor | list[list[int]], keep_logits: bool = False) -> GenerationResult:
+        """Continue every row of prompt_BT, or every prompt of a list of token lists of any lengths
+        (left-padded into one batch)."""
         model, cfg = self.model, self.config
+        key_valid = None
+        if isinstance(prompt_BT, list):
+            if not prompt_BT or min(len(p) for p in prompt_BT) < 1:
+                raise GenerationError("every prompt must hold at least one token")
+            width = max(len(p) for p in prompt_BT)
+            padding = torch.tensor([width - len(p) for p in prompt_BT])
+            prompt_BT = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompt_BT], dtype=torch.long)
+            if padding.any():
+                total = width + cfg.max_new_tokens
+                key_valid = torch.arange(total)[None, :] >= padding[:, None]
         if prompt_BT.ndim != 2 or prompt_BT.shape[1] < 1:
             raise GenerationError("the prompt must hold at least one token")
         B, T0 = prompt_BT.shape
@@ -265,7 +293,9 @@ class Generator:
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
             torch.manual_seed(cfg.seed)  # the initial-state noise, when init_scale > 0
-            cache = DecodeCache(model, B, max(total, 1), self.core_slots)
+            if key_valid is not None:
+                key_valid = key_valid.to(device)
+            cache = DecodeCache(model, B, max(total, 1), self.core_slots, key_valid)
             rope = model.rope(total, device)
             prefill_logits, states = self.prefill(prompt_BT, cache, rope)
             logits, state = prefill_logits[:, -1], states[:, -1:]
@@ -299,8 +329,11 @@ class Generator:
 
 
 def generate_text(checkpoint: str, prompts: list[str], config: GenerationConfig, tokenizer: str | None = None,
-                  add_bos: bool = True, device: str = "cpu", log=print) -> list[dict]:
-    """`rdhpc generate`: each prompt on its own (B = 1), printed with its statistics."""
+                  add_bos: bool = True, device: str = "cpu", batch_size: int = 8, log=print) -> list[dict]:
+    """`rdhpc generate`: the prompts in batches of up to batch_size (any lengths), each printed with
+    its statistics."""
+    if batch_size < 1:
+        raise GenerationError(f"--batch-size: must be >= 1, got {batch_size}")
     from rdhpc.data.tokenizer import TextTokenizer
     from rdhpc.export import load_checkpoint
 
@@ -316,16 +349,19 @@ def generate_text(checkpoint: str, prompts: list[str], config: GenerationConfig,
         config.stop_ids = (tok.eos_id,)
     generator = Generator(loaded.model, config)
     results = []
-    for prompt in prompts:
-        ids = tok.encode(prompt).tolist()
-        ids = ([tok.bos_id] if add_bos else []) + ids
-        out = generator.generate(torch.tensor([ids], dtype=torch.long))
-        new = out.tokens[0, :out.lengths[0]].tolist()
-        text = tok.decode([t for t in new if t not in config.stop_ids])
-        results.append({"prompt": prompt, "completion": text, "tokens": len(new), "mean_depth": out.mean_depth,
-                        "cache_mib": out.cache_bytes / 2 ** 20, "seconds": out.seconds})
-        log(prompt + text)
-        log(f"[generate] {len(new)} tokens in {out.seconds:.2f} s; mean depth per token {out.mean_depth:.2f} of "
-            f"{config.num_steps}; KV cache {out.cache_bytes / 2 ** 20:.2f} MiB "
-            f"({generator.core_slots} core slot(s))")
+    for first in range(0, len(prompts), batch_size):
+        batch = prompts[first:first + batch_size]
+        ids = [([tok.bos_id] if add_bos else []) + tok.encode(prompt).tolist() for prompt in batch]
+        out = generator.generate(ids)
+        for row, prompt in enumerate(batch):
+            new = out.tokens[row, :out.lengths[row]].tolist()
+            text = tok.decode([t for t in new if t not in config.stop_ids])
+            depths = out.depths[row, :max(out.lengths[row] - 1, 0)]
+            mean_depth = float(depths.float().mean()) if depths.numel() else float("nan")
+            results.append({"prompt": prompt, "completion": text, "tokens": len(new), "mean_depth": mean_depth,
+                            "cache_mib": out.cache_bytes / 2 ** 20, "seconds": out.seconds, "batch": len(batch)})
+            log(prompt + text)
+            log(f"[generate] {len(new)} tokens in {out.seconds:.2f} s (batch of {len(batch)}); mean depth per token "
+                f"{mean_depth:.2f} of {config.num_steps}; KV cache {out.cache_bytes / 2 ** 20:.2f} MiB "
+                f"({generator.core_slots} core slot(s))")
     return results

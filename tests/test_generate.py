@@ -95,6 +95,26 @@ def test_warm_start_changes_the_trajectory_and_sampling_is_seeded(model, prompt)
     assert torch.equal(generate(model, prompt, temperature=1.0, top_k=1).tokens, cold.tokens)  # top-1 is greedy
 
 
+@pytest.mark.parametrize("settings", [{}, {"exit_threshold": 1e-3, "cache_slots": 3, "warm_start": True}])
+def test_prompts_of_different_lengths_in_one_batch_equal_each_alone(model, settings):
+    """Left padding with masked padding keys: every row of a ragged batch gives the tokens and the
+    logits it gives alone (rotary attention depends only on distances, so the shift is invisible)."""
+    rng = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=rng).tolist() for n in (9, 1, 4, 9, 6)]
+    config = dict(num_steps=6, max_new_tokens=10, **settings)
+    together = Generator(model, GenerationConfig(**config)).generate(prompts, keep_logits=True)
+    for row, ids in enumerate(prompts):
+        alone = Generator(model, GenerationConfig(**config)).generate(torch.tensor([ids]), keep_logits=True)
+        assert together.tokens[row].tolist() == alone.tokens[0].tolist()
+        assert together.depths[row].tolist() == alone.depths[0].tolist()
+        for a, b in zip(together.step_logits, alone.step_logits):
+            torch.testing.assert_close(a[row], b[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(together.prefill_logits[row, -len(ids):], alone.prefill_logits[0], rtol=1e-4, atol=1e-4)
+        assert torch.isfinite(together.prefill_logits[row]).all()  # padding rows too: no empty softmax
+    with pytest.raises(GenerationError, match="every prompt must hold at least one token"):
+        Generator(model, GenerationConfig(**config)).generate([[1, 2], []])
+
+
 def test_bad_settings_are_user_errors(model, prompt):
     with pytest.raises(GenerationError, match="--top-p: must be in"):
         Generator(model, GenerationConfig(top_p=1.5))
@@ -111,5 +131,10 @@ def test_generate_command_on_a_trained_checkpoint(capsys):
     assert main(argv + ["--exit-threshold", "5e-4", "--cache-slots", "4", "--warm-start", "--json"]) == 0
     adaptive = capsys.readouterr().out
     assert "(4 core slot(s))" in adaptive and '"mean_depth"' in adaptive
+    # several prompts of different lengths in one batch: each completion equals its run alone
+    assert main(["generate", str(run), "--prompt", "import os\nimport", "--prompt", "def", "--steps", "16",
+                 "--max-new-tokens", "12"]) == 0
+    batched = capsys.readouterr().out
+    assert batched.startswith(fixed.split("[generate]")[0]) and "(batch of 2)" in batched
     assert main(["generate", str(run), "--prompt", "x", "--tokenizer", "/nonexistent/tok.json"]) == 2
     assert "/nonexistent/tok.json: tokenizer file not found" in capsys.readouterr().err
