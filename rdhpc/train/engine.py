@@ -13,7 +13,7 @@ import torch
 
 from rdhpc.config.schema import RunConfig
 from rdhpc.train.deepspeed_config import build_deepspeed_config
-from rdhpc.train.optim import build_optimizer, skip_non_finite_steps
+from rdhpc.train.optim import attach_flat_layouts, build_optimizer, skip_non_finite_steps
 
 
 def quiet_deepspeed_deprecations():
@@ -68,5 +68,7 @@ def build_engine(run: RunConfig, model: torch.nn.Module, world_size: int, device
     if run.zero.stage == 0:
         optimizer = skip_non_finite_steps(optimizer)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    # adam-atan2's per-tensor update clipping, on the flat partitions ZeRO and bf16 hand it
+    attach_flat_layouts(engine.optimizer, getattr(engine.optimizer, "optimizer", engine.optimizer))
     compile_model(engine.module, run.train.compile_scope, run.train.compile_backend)
     return engine, optimizer, ds_config

@@ -7,7 +7,9 @@ Both decay every weight except norms and qk_bias (the paper's choice), with deco
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -25,19 +27,64 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
+@dataclass
+class FlatLayout:
+    """Where the model's tensors lie inside one flat parameter that ZeRO hands the optimizer (a
+    rank's partition of a whole parameter group, flattened): consecutive runs (tensor index or
+    -1 for alignment padding, length), the element count of every tensor of the group, and the
+    process group whose ranks hold the other parts of the same tensors."""
+
+    runs: list[tuple[int, int]]
+    tensor_numels: list[int]
+    process_group: object = None
+
+
+def flat_layout(numels: list[int], paddings: list[int], partition_size: int, partition_id: int) -> list[tuple[int, int]]:
+    """The runs of partition `partition_id` (of `partition_size` elements) of a flat buffer that
+    holds tensor k (numels[k] elements) followed by paddings[k] zeros, for k in order, then zeros."""
+    start, end = partition_size * partition_id, partition_size * (partition_id + 1)
+    runs, position = [], 0
+    for k, (numel, padding) in enumerate(zip(numels, paddings)):
+        for owner, length in ((k, numel), (-1, padding)):
+            overlap = min(end, position + length) - max(start, position)
+            if overlap > 0:
+                runs.append((owner, overlap))
+            position += length
+    covered = sum(length for _, length in runs)
+    if covered < partition_size:
+        runs.append((-1, partition_size - covered))
+    return runs
+
+
 class AdamAtan2(torch.optim.Optimizer):
     """The Adam variant of the 3.5B run:
 
     - update atan2(m, sqrt(v)) instead of m / (sqrt(v) + eps): bounded, scale-invariant, no epsilon;
     - m and v start from the first gradient (m = g, v = g^2), not from zero, so no bias correction;
     - per-tensor update clipping: the step size of a tensor is divided by max(1, rms(g^2 / v) / clip);
-    - decoupled weight decay p <- p (1 - lr wd).
+    - decoupled weight decay p <- p (1 - lr wd), with the tensor's clipped step size.
+
+    Under ZeRO the optimizer sees, per parameter group, one flat partition of many tensors (and
+    other ranks hold the rest of some of them). `set_flat_layout` says where each tensor lies, and
+    the rms is then taken per TENSOR across all ranks (one all-reduce of a vector of per-tensor
+    sums per group and step), as without ZeRO; without a layout a flat partition would be clipped
+    as one tensor (found in session 3: ZeRO 1 and 2 clipped per group and rank).
     """
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0, update_clip: float = 1.0):
         if lr <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0 or update_clip < 0:
             raise ValueError(f"bad AdamAtan2 settings lr={lr} betas={betas} wd={weight_decay} clip={update_clip}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, update_clip=update_clip))
+        # id(flat parameter) -> (that parameter, its layout). Keyed by the tensor, not by the group's
+        # index: DeepSpeed steps one group at a time by swapping param_groups for a one-group list.
+        self.flat_layouts: dict[int, tuple[torch.Tensor, FlatLayout]] = {}
+
+    def set_flat_layout(self, group_index: int, layout: FlatLayout) -> None:
+        params = self.param_groups[group_index]["params"]
+        if len(params) != 1 or params[0].numel() != sum(length for _, length in layout.runs):
+            raise ValueError(f"parameter group {group_index}: the layout covers {sum(n for _, n in layout.runs)} "
+                             f"elements, the group holds {[p.numel() for p in params]}")
+        self.flat_layouts[id(params[0])] = (params[0], layout)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -61,6 +108,10 @@ class AdamAtan2(torch.optim.Optimizer):
                     state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 state["step"] += 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
+                flat = self.flat_layouts.get(id(p))
+                if flat is not None and flat[0] is p:
+                    self._flat_update(p, grad, m, v, group, flat[1])
+                    continue
                 lr = group["lr"]
                 if group["update_clip"] > 0:
                     rms = (grad * grad / v.clamp_min(torch.finfo(torch.float32).tiny)).mean().sqrt().item()
@@ -69,6 +120,30 @@ class AdamAtan2(torch.optim.Optimizer):
                     p.mul_(1 - lr * group["weight_decay"])
                 p.add_(torch.atan2(m, v.sqrt()).to(p.dtype), alpha=-lr)
         return loss
+
+    @staticmethod
+    def _flat_update(p, grad, m, v, group, layout: FlatLayout) -> None:
+        """The per-tensor step on a flat partition: every run of tensor k gets tensor k's factor."""
+        import torch.distributed as dist
+
+        owners = [(owner, start, length) for (owner, length), start in
+                  zip(layout.runs, itertools.accumulate([0] + [n for _, n in layout.runs[:-1]])) if owner >= 0]
+        factor = torch.ones(len(layout.tensor_numels), dtype=torch.float32, device=p.device)
+        if group["update_clip"] > 0 and owners:
+            ratio = grad * grad / v.clamp_min(torch.finfo(torch.float32).tiny)
+            sums = torch.zeros(len(layout.tensor_numels), dtype=torch.float64, device=p.device)
+            sums.index_add_(0, torch.tensor([k for k, _, _ in owners], device=p.device),
+                            torch.stack([ratio.narrow(0, start, n).sum(dtype=torch.float64) for _, start, n in owners]))
+            if layout.process_group is not None and dist.get_world_size(layout.process_group) > 1:
+                dist.all_reduce(sums, group=layout.process_group)  # the parts of a tensor on other ranks
+            rms = (sums / torch.tensor(layout.tensor_numels, dtype=torch.float64, device=p.device)).sqrt()
+            factor = (1.0 / torch.clamp(rms / group["update_clip"], min=1.0)).to(torch.float32)
+        update = torch.atan2(m, v.sqrt())
+        for k, start, n in owners:
+            lr = group["lr"] * factor[k]
+            if group["weight_decay"]:
+                p.narrow(0, start, n).mul_(1 - lr * group["weight_decay"])
+            p.narrow(0, start, n).add_(update.narrow(0, start, n).to(p.dtype) * -lr)
 
 
 def build_optimizer(model: torch.nn.Module, config: OptimConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
@@ -134,3 +209,40 @@ class LRSchedule:
                 return peak
             return peak + (low - peak) * min(1.0, (step - start + 1) / length)
         raise ValueError(f"unknown schedule {c.name!r}")
+
+
+def attach_flat_layouts(zero_optimizer, inner: torch.optim.Optimizer, log=print) -> str:
+    """Tell an AdamAtan2 inside DeepSpeed's ZeRO 1/2 or bf16 optimizer where each tensor lies in
+    its flat partitions, so its update clipping stays per tensor. Returns what was done."""
+    if not isinstance(inner, AdamAtan2):
+        return "not adam-atan2"
+    import torch.distributed as dist
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(zero_optimizer, DeepSpeedZeroOptimizer):
+        groups = [(zero_optimizer.round_robin_bit16_groups[i], zero_optimizer.round_robin_bit16_padding[i],
+                   zero_optimizer.partition_size[i], zero_optimizer.single_partition_of_fp32_groups[i],
+                   zero_optimizer.real_dp_process_group[i]) for i in range(len(inner.param_groups))]
+    elif isinstance(zero_optimizer, BF16_Optimizer):
+        groups = [(zero_optimizer.bf16_groups[i], [0] * len(zero_optimizer.bf16_groups[i]),
+                   zero_optimizer.fp32_groups_flat_partition[i].numel(), zero_optimizer.fp32_groups_flat_partition[i],
+                   zero_optimizer.real_dp_process_group[i]) for i in range(len(inner.param_groups))]
+    elif isinstance(zero_optimizer, DeepSpeedZeroOptimizer_Stage3):
+        # Stage 3 cuts sub-groups of its own; their layout is not mapped yet. The paper's run used
+        # no ZeRO 3 (its model fits data parallelism), so this stays a stated deviation.
+        if dist.get_rank() == 0:
+            log("[optim] adam-atan2 under ZeRO 3: update clipping acts per flat sub-group partition, not per "
+                "tensor (a deviation from the paper's per-tensor clipping; use ZeRO 0-2 to keep it)")
+        return "zero 3: per partition"
+    else:
+        return "no flattening"
+    for i, (tensors, paddings, partition_size, flat, process_group) in enumerate(groups):
+        if inner.param_groups[i]["params"][0] is not flat:
+            raise RuntimeError(f"DeepSpeed's optimizer layout is not the one rdhpc knows (group {i}); "
+                               "adam-atan2 cannot clip per tensor with this DeepSpeed version")
+        runs = flat_layout([t.numel() for t in tensors], list(paddings), partition_size,
+                           dist.get_rank(group=process_group))
+        inner.set_flat_layout(i, FlatLayout(runs, [t.numel() for t in tensors], process_group))
+    return "per tensor across ranks"
