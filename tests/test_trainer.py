@@ -186,6 +186,14 @@ def test_adam_atan2_clipping_is_the_same_at_every_zero_stage(tmp_path, shards, p
     if precision == "fp32":
         assert curves[1] == pytest.approx(curves[0], rel=1e-5)
         assert curves[2] == pytest.approx(curves[0], rel=1e-5)
+        # resumed from a checkpoint, the layouts are attached to the loaded partitions: bit-identical
+        split = tmp_path / "atan2-split"
+        common = ["zero.stage=1", "optim.name=adam-atan2", "optim.update_clip=0.5", "schedule.warmup_steps=0",
+                  "train.val_interval=100", "checkpoint.interval=3"]
+        assert launch(tmp_path, shards, split, "train.max_steps=3", *common).returncode == 0
+        done = launch(tmp_path, shards, split, "train.max_steps=6", *common)
+        assert done.returncode == 0 and "resumed from" in done.stdout, done.stderr[-3000:]
+        assert [losses(split)[s] for s in range(1, 7)] == curves[1]
     else:
         assert curves[2] == pytest.approx(curves[1], rel=2e-3)
 

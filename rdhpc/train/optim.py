@@ -108,8 +108,11 @@ class AdamAtan2(torch.optim.Optimizer):
                     state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 state["step"] += 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                flat = self.flat_layouts.get(id(p))
-                if flat is not None and flat[0] is p:
+                if self.flat_layouts:
+                    flat = self.flat_layouts.get(id(p))
+                    if flat is None or flat[0] is not p:  # never clip a flat partition as one tensor unseen
+                        raise RuntimeError("adam-atan2: a parameter without its flat layout (DeepSpeed replaced "
+                                           "its flat partitions after the layouts were attached)")
                     self._flat_update(p, grad, m, v, group, flat[1])
                     continue
                 lr = group["lr"]
