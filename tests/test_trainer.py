@@ -372,6 +372,18 @@ def test_stop_requests_save_and_resume_exactly(tmp_path, shards, straight):
     stopped_at = state["step"]
     assert 2 <= stopped_at < 8
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step{stopped_at:08d}"
+    assert state["terminated"] is False  # USR2: the Slurm task may requeue
+    # SIGTERM to ONE rank (Slurm ending the job): all ranks save, and all know the job is ending
+    process = subprocess.Popen(launch_command(shards, run_dir, "train.max_steps=8", "checkpoint.interval=100"),
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: steps_done(run_dir) > stopped_at, what=f"step {stopped_at + 1}")
+    rank1 = json.loads((run_dir / "heartbeat" / "rank1.json").read_text())["pid"]
+    os.kill(rank1, signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert state["state"] == "stopped", state  # (not "completed": the signal came before step 8)
+    assert state["terminated"] is True  # rank 0 got no signal, yet knows
     # the requeued segment continues and the whole is the uninterrupted run, step for step
     done = launch(None, shards, run_dir, "train.max_steps=8", "checkpoint.interval=100")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -28,6 +28,7 @@ Segments, preemption and time limits (the paper ran 21 segments of up to 12 h):
   from outside, loses only the steps after the last periodic checkpoint.
 - SIGTERM (scancel, the hard time limit, a preemption with a grace time) also makes the ranks
   save, but the task does not requeue: Slurm is ending the job and requeues it by its own rules.
+  The ranks agree on it with the stop itself, so a rank whose own signal comes late knows too.
 - srun runs with --kill-on-bad-exit: one failing rank ends the job (FAILED, its error in its
   result and log) instead of leaving its peers waiting in a collective.
 """
@@ -321,8 +322,8 @@ class TrainTask:
                 _job_log(f"[slurm] stopped at step {result.step} after {segment} segment(s): slurm.max_segments "
                          f"= {self.max_segments} reached, not requeued")
             return summary
-        # SIGTERM comes from Slurm itself ending the job: a requeue from here would fight a scancel
-        _end_segment(ranks, result.stop_reason or "stop requested", requeue=result.stop_reason != "signal SIGTERM")
+        # SIGTERM (to any rank) comes from Slurm itself ending the job: a requeue would fight a scancel
+        _end_segment(ranks, result.stop_reason or "stop requested", requeue=not result.terminated)
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption/timeout path (a signal before the trainer took over): requeue the

@@ -56,6 +56,7 @@ STOP_AT = "RDHPC_STOP_AT"
 # collective never gets there and is killed as before: the `latest` pointer keeps the last complete
 # checkpoint either way.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+TERMINATED = "signal SIGTERM"
 RUN_STATE = "run_state.json"
 UNIVERSAL_SUFFIX = "_universal"
 _TAG_PATTERN = "step[0-9]*"
@@ -73,6 +74,9 @@ class TrainResult:
     completed: bool = False
     """True when train.max_steps was reached or the data ran out; False when stopped on request."""
     stop_reason: str | None = None
+    terminated: bool = False
+    """Some rank received SIGTERM (Slurm is ending the job: scancel, the hard limit, a preemption):
+    agreed by all ranks with the stop, so that no rank requeues a job Slurm is taking back."""
 
 
 @dataclass
@@ -104,6 +108,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
         self.stop_reason = None  # set by a signal handler or the time budget; acted on at a step boundary
+        self.terminated = False  # some rank got SIGTERM, as agreed at the last step boundary
         self.stop_at = float(os.environ[STOP_AT]) if os.environ.get(STOP_AT) else None
         self._previous_handlers = {}
         self.heartbeat = Heartbeat(self.run_dir / "heartbeat", ranks.rank, ranks.world_size,
@@ -349,7 +354,9 @@ class Trainer:
     def _handle_requests(self) -> bool:
         """Cool-down and stop requests, agreed by all ranks; True when the run must stop now."""
         self.heartbeat.progress(self.step, "requests")
-        cooldown, stop = self._any_rank((self.run_dir / COOLDOWN_REQUEST).exists(), self._stop_requested_here())
+        cooldown, stop, terminated = self._any_rank((self.run_dir / COOLDOWN_REQUEST).exists(),
+                                                    self._stop_requested_here(), self.stop_reason == TERMINATED)
+        self.terminated |= terminated
         if cooldown and self.cooldown_start is None:
             self.cooldown_start = self.step
             self.log(f"[train] cool-down requested: the learning rate decays from step {self.step}")
@@ -434,6 +441,8 @@ class Trainer:
             if last_saved != self.step:
                 self.save_checkpoint()
             result.step = self.step
+            # a SIGTERM here after the ranks agreed on another stop (during the save) counts too
+            result.terminated = self.terminated or self.stop_reason == TERMINATED
             return result
         if self.step < tc.max_steps and losses and last_saved != self.step:
             self.log(f"[train] the training data ran out at step {self.step} (data.on_exhausted = stop)")
@@ -536,5 +545,5 @@ def train(run: RunConfig, ranks: RankInfo, log=print) -> TrainResult:
     if result.completed:
         trainer.write_run_state("completed")
     else:
-        trainer.write_run_state("stopped", reason=result.stop_reason)
+        trainer.write_run_state("stopped", reason=result.stop_reason, terminated=result.terminated)
     return result
