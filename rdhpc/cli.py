@@ -104,16 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tool_parsers(sub)
 
-    from rdhpc.launch.slurm import add_submit_parser
+    from rdhpc.launch.cli import add_submit_parser
 
-    add_submit_parser(sub)  # submit, status
+    add_submit_parser(sub)  # submit, status (rdhpc.launch.slurm is imported only when they run)
 
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rdhpc.config import ConfigError
-    from rdhpc.errors import UserError
+    from rdhpc.errors import ConfigError, UserError
 
     args = build_parser().parse_args(argv)
     try:

@@ -16,21 +16,10 @@ from typing import Any
 import yaml
 
 from rdhpc.config.schema import SECTION_NAMES, RunConfig
-from rdhpc.errors import UserError
+from rdhpc.errors import ConfigError  # noqa: F401  (defined there, re-exported here)
 from rdhpc.model.config import MODEL_SIZES
 
 CONFIG_FILE_NAME = "config.yaml"
-
-
-class ConfigError(UserError):
-    """One or more configuration problems; `problems` lists them, each naming its key."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
-        self.source = source
-        where = f" in {source}" if source else ""
-        super().__init__(f"{len(self.problems)} configuration problem(s){where}:\n"
-                         + "\n".join(f"  - {p}" for p in self.problems))
 
 
 def _did_you_mean(word: str, choices) -> str:
