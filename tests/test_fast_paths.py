@@ -209,6 +209,40 @@ def test_hoisted_injection_gives_the_same_gradients():
         load_config(DEBUG_YAML, ["model.hoist_injection=true", "zero.stage=3"])
 
 
+# ---- selective activation checkpointing: the core blocks' MLPs ---------------------------------------
+
+def test_checkpointed_core_mlps_give_the_same_gradients_and_keep_less():
+    x, labels = batch()
+    reference = loss_and_grads(build(), x, labels)
+    model = build(checkpoint_core_mlp=True)
+    assert all(block.checkpoint_mlp for block in model.core)
+    assert not any(block.checkpoint_mlp for block in (*model.prelude, *model.coda))
+    assert_same(reference, loss_and_grads(model, x, labels), rtol=0)  # recomputed exactly on the CPU
+    torch._dynamo.reset()
+    compiled = compile_model(build(checkpoint_core_mlp=True), "core", backend="aot_eager")
+    assert_same(reference, loss_and_grads(compiled, x, labels))
+
+    def saved_bytes(m):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            if not isinstance(t, torch.nn.Parameter):
+                total += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x, num_steps=(3, 2), labels=labels, init_scale=0, return_logits=False).loss.backward()
+        return total
+    # the MLP's (tokens, 2 x intermediate) and (tokens, intermediate) tensors are no longer kept
+    c = model.config
+    tokens = x.numel()
+    fewer = saved_bytes(build()) - saved_bytes(build(checkpoint_core_mlp=True))
+    per_block = tokens * 4 * (2 * c.intermediate_size + c.intermediate_size)
+    assert fewer >= per_block * c.num_core_layers * 2  # at least the two tensors, x 2 iterations with grad
+    with pytest.raises(ConfigError, match="checkpoint_core_mlp: redundant"):
+        load_config(DEBUG_YAML, ["model.checkpoint_core_mlp=true", "model.activation_checkpointing=true"])
+
+
 # ---- (b) compile scopes, (d) attention kernels -----------------------------------------------------
 
 @pytest.mark.parametrize("scope", ["core", "model"])

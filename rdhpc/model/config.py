@@ -81,6 +81,10 @@ class ModelConfig:
     init_strategy: str = "takase"
     activation_checkpointing: bool = False
     """Recompute each core iteration in the backward pass instead of storing its activations."""
+    checkpoint_core_mlp: bool = False
+    """Selective checkpointing: recompute only the MLP of each core block in the backward pass
+    (its input is kept; the (tokens, 2 x intermediate) and (tokens, intermediate) tensors are not),
+    the largest activations for about a third of the core's forward FLOPs again."""
     loss_chunk_size: int = 0
     """Tokens per chunk of the fused head + cross-entropy of the training loss (rdhpc.model.losses):
     the (tokens, vocabulary) float32 logits are never materialised. 0: the plain head and
@@ -141,6 +145,9 @@ class ModelConfig:
             out += check_choice(self, prefix, name, table)
         if self.size is not None and self.size not in MODEL_SIZES:
             out.append(f"{prefix}.size: unknown size {self.size!r}; choose one of {sorted(MODEL_SIZES)}")
+        if self.checkpoint_core_mlp and self.activation_checkpointing:
+            out.append(f"{prefix}.checkpoint_core_mlp: redundant with {prefix}.activation_checkpointing "
+                       "(which recomputes whole core iterations); choose one")
         return out
 
     def to_dict(self) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rdhpc.model.config import ModelConfig
 
@@ -184,10 +185,11 @@ class SandwichBlock(nn.Module):
             RMSNorm(config.hidden_size, config.norm_eps, learnable) for _ in range(4))
         self.attn = Attention(config)
         self.mlp = GatedMLP(config)
+        self.checkpoint_mlp = False  # set for core blocks by model.checkpoint_core_mlp
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, kv_cache=None) -> torch.Tensor:
         x = self.norm_2(x + self.attn(self.norm_1(x), rope, kv_cache))
-        return self.norm_4(x + self.mlp(self.norm_3(x)))
+        return self.norm_4(x + run_mlp(self, self.norm_3(x)))
 
 
 class PreNormBlock(nn.Module):
@@ -200,10 +202,18 @@ class PreNormBlock(nn.Module):
         self.norm_2 = RMSNorm(config.hidden_size, config.norm_eps, learnable)
         self.attn = Attention(config)
         self.mlp = GatedMLP(config)
+        self.checkpoint_mlp = False  # set for core blocks by model.checkpoint_core_mlp
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, kv_cache=None) -> torch.Tensor:
         x = x + self.attn(self.norm_1(x), rope, kv_cache)
-        return x + self.mlp(self.norm_2(x))
+        return x + run_mlp(self, self.norm_2(x))
+
+
+def run_mlp(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The block's MLP, recomputed in backward (only h kept) when the block is marked for it."""
+    if block.checkpoint_mlp and torch.is_grad_enabled():
+        return checkpoint(block.mlp, h, use_reentrant=False)
+    return block.mlp(h)
 
 
 BLOCK_CLASSES = {"sandwich": SandwichBlock, "prenorm": PreNormBlock}

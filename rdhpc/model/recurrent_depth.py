@@ -53,6 +53,8 @@ class RecurrentDepthModel(nn.Module):
         self.prelude = nn.ModuleList(Block(config) for _ in range(config.num_prelude_layers))
         self.adapter = nn.Linear(2 * C, C, bias=False) if config.injection_type == "linear" else None
         self.core = nn.ModuleList(Block(config) for _ in range(config.num_core_layers))
+        for block in self.core:
+            block.checkpoint_mlp = config.checkpoint_core_mlp
         self.coda = nn.ModuleList(Block(config) for _ in range(config.num_coda_layers))
         self.final_norm = RMSNorm(C, config.norm_eps, learnable=config.norm_type == "rmsnorm")
         # A tied head reuses embedding.weight through F.linear, so the weight is one parameter,
