@@ -184,8 +184,10 @@ def test_time_limit_stops_requeues_and_resumes_with_identical_losses(tmp_path, s
     assert info["run_state"]["state"] == "completed" and info["last_step"] == steps, story
     segments = info["slurm"]["restarts"] + 1
     first = story[story.index("segment 1/"):story.index("segment 2/")]
-    # out of time: the budget, or Slurm's USR2 warning when it comes first (up to 30 s early here)
-    assert re.search(r"stopping after step \d+: (time budget \(RDHPC_STOP_AT|signal SIGUSR2)", first), first
+    # out of time: the budget, or Slurm's USR2 warning when it comes first (up to 30 s early here),
+    # seen by rank 0 itself or first by rank 1 (their clocks and signals differ by moments)
+    assert re.search(r"stopping after step \d+: (time budget \(RDHPC_STOP_AT|signal SIGUSR2"
+                     r"|another rank's stop request \(SIGUSR1 or SIGUSR2\))", first), first
     assert segments >= 2 and "requeueing job" in first, story
     assert story.count("requeueing job") == segments - 1 and story.count("resumed from") == segments - 1, story
     chained = losses(run_dir)

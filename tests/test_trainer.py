@@ -368,7 +368,7 @@ def test_stop_requests_save_and_resume_exactly(tmp_path, shards, straight):
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]
     state = json.loads((run_dir / "run_state.json").read_text())
-    assert state["state"] == "stopped" and state["reason"] == "another rank's stop request"  # rank 0 writes it
+    assert state["state"] == "stopped" and state["reason"] == "another rank's stop request (SIGUSR1 or SIGUSR2)"  # rank 0 writes it
     stopped_at = state["step"]
     assert 2 <= stopped_at < 8
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step{stopped_at:08d}"

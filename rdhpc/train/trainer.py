@@ -354,9 +354,14 @@ class Trainer:
     def _handle_requests(self) -> bool:
         """Cool-down and stop requests, agreed by all ranks; True when the run must stop now."""
         self.heartbeat.progress(self.step, "requests")
-        cooldown, stop, terminated = self._any_rank((self.run_dir / COOLDOWN_REQUEST).exists(),
-                                                    self._stop_requested_here(), self.stop_reason == TERMINATED)
+        here = self._stop_requested_here()
+        cooldown, stop, terminated, budget = self._any_rank(
+            (self.run_dir / COOLDOWN_REQUEST).exists(), here, self.stop_reason == TERMINATED,
+            here and self.stop_reason.startswith("time budget"))
         self.terminated |= terminated
+        if stop and not here:  # say why all the same: the ranks' clocks and signals differ by moments
+            self.stop_reason = (f"time budget ({STOP_AT}, reached first on another rank)" if budget else
+                                f"{TERMINATED} to another rank" if terminated else None)
         if cooldown and self.cooldown_start is None:
             self.cooldown_start = self.step
             self.log(f"[train] cool-down requested: the learning rate decays from step {self.step}")
@@ -436,7 +441,7 @@ class Trainer:
                 stop = True
                 break
         if stop:
-            result.stop_reason = self.stop_reason or "another rank's stop request"
+            result.stop_reason = self.stop_reason or "another rank's stop request (SIGUSR1 or SIGUSR2)"
             self.log(f"[train] stopping after step {self.step}: {result.stop_reason}")
             if last_saved != self.step:
                 self.save_checkpoint()
