@@ -38,6 +38,13 @@ class FlatLayout:
     tensor_numels: list[int]
     process_group: object = None
 
+    def __post_init__(self):
+        # derived once, not at every step: (tensor index, start, length) of the runs that hold a tensor
+        starts = itertools.accumulate([0] + [length for _, length in self.runs[:-1]])
+        self.owners = [(owner, start, length) for (owner, length), start in zip(self.runs, starts) if owner >= 0]
+        self.owner_index = torch.tensor([k for k, _, _ in self.owners], dtype=torch.long)
+        self.numels = torch.tensor(self.tensor_numels, dtype=torch.float64)
+
 
 def flat_layout(numels: list[int], paddings: list[int], partition_size: int, partition_id: int) -> list[tuple[int, int]]:
     """The runs of partition `partition_id` (of `partition_size` elements) of a flat buffer that
@@ -129,17 +136,16 @@ class AdamAtan2(torch.optim.Optimizer):
         """The per-tensor step on a flat partition: every run of tensor k gets tensor k's factor."""
         import torch.distributed as dist
 
-        owners = [(owner, start, length) for (owner, length), start in
-                  zip(layout.runs, itertools.accumulate([0] + [n for _, n in layout.runs[:-1]])) if owner >= 0]
+        owners = layout.owners
         factor = torch.ones(len(layout.tensor_numels), dtype=torch.float32, device=p.device)
         if group["update_clip"] > 0 and owners:
             ratio = grad * grad / v.clamp_min(torch.finfo(torch.float32).tiny)
             sums = torch.zeros(len(layout.tensor_numels), dtype=torch.float64, device=p.device)
-            sums.index_add_(0, torch.tensor([k for k, _, _ in owners], device=p.device),
+            sums.index_add_(0, layout.owner_index.to(p.device),
                             torch.stack([ratio.narrow(0, start, n).sum(dtype=torch.float64) for _, start, n in owners]))
             if layout.process_group is not None and dist.get_world_size(layout.process_group) > 1:
                 dist.all_reduce(sums, group=layout.process_group)  # the parts of a tensor on other ranks
-            rms = (sums / torch.tensor(layout.tensor_numels, dtype=torch.float64, device=p.device)).sqrt()
+            rms = (sums / layout.numels.to(p.device)).sqrt()
             factor = (1.0 / torch.clamp(rms / group["update_clip"], min=1.0)).to(torch.float32)
         update = torch.atan2(m, v.sqrt())
         for k, start, n in owners:
