@@ -123,7 +123,6 @@ class TextTokenizer:
                 self._fast = gigatoken.Tokenizer.from_json(stripped)
         else:
             ids = self._read_with_hf()
-            stripped = None
             if check is not None:
                 self._fast, stripped, self.fallback_reason = self._load_gigatoken()
                 check.store({"vocab_size": self.vocab_size, "ids": ids, "fast_ok": self._fast is not None,
