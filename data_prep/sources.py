@@ -153,6 +153,14 @@ def parse_sources(inputs: list[str], weights: list[str] = ()) -> list[Source]:
     return sources
 
 
+def piece_size(piece: Piece) -> int:
+    """About how many input bytes a piece holds (compressed bytes for .gz/.zst, the whole file for
+    a parquet row group): enough to start the largest pieces first."""
+    if piece.end >= 0 and file_format(piece.file) == ".jsonl":
+        return piece.end - piece.start
+    return os.path.getsize(piece.file)
+
+
 def plan_pieces(sources: list[Source], piece_bytes: int) -> list[Piece]:
     """Cut every file into pieces of about piece_bytes. Only the cut changes with piece_bytes; the
     documents and their numbering do not, so the output does not depend on it."""

@@ -244,6 +244,18 @@ def test_output_is_identical_for_any_number_of_workers_and_pieces(tmp_path, corp
     assert shard_bytes(other_seed) != shard_bytes(one)
 
 
+def test_pieces_know_their_size_for_largest_first_scheduling(tmp_path):
+    from data_prep.sources import parse_sources, piece_size, plan_pieces
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": "x" * 40}) + "\n" for _ in range(5)))  # 265 bytes
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"text": "y"}) + "\n")
+    pieces = plan_pieces(parse_sources([str(tmp_path)], []), piece_bytes=100)
+    sizes = {(Path(p.file).name, p.start): piece_size(p) for p in pieces}
+    assert sizes == {("a.jsonl", 0): 100, ("a.jsonl", 100): 100, ("a.jsonl", 200): 65,
+                     ("b.jsonl.gz", 0): (tmp_path / "b.jsonl.gz").stat().st_size}
+
+
 def test_rerun_does_nothing_and_other_settings_are_refused(tmp_path, corpus, tokenizer_path):
     root, _ = corpus
     out = prep(tmp_path, root, tokenizer_path)
