@@ -97,7 +97,15 @@ class GenerationResult:
     @property
     def mean_depth(self) -> float:
         """Mean recurrence depth per generated token over the token-by-token steps."""
-        return float(self.depths.float().mean()) if self.depths.numel() else float("nan")
+        return _mean(self.depths)
+
+    def row_mean_depth(self, row: int) -> float:
+        """The same for one row, over its steps up to its stop token."""
+        return _mean(self.depths[row, :max(self.lengths[row] - 1, 0)])
+
+
+def _mean(depths: torch.Tensor) -> float:
+    return float(depths.float().mean()) if depths.numel() else float("nan")
 
 
 class KVCache:
@@ -356,8 +364,7 @@ def generate_text(checkpoint: str, prompts: list[str], config: GenerationConfig,
         for row, prompt in enumerate(batch):
             new = out.tokens[row, :out.lengths[row]].tolist()
             text = tok.decode([t for t in new if t not in config.stop_ids])
-            depths = out.depths[row, :max(out.lengths[row] - 1, 0)]
-            mean_depth = float(depths.float().mean()) if depths.numel() else float("nan")
+            mean_depth = out.row_mean_depth(row)
             results.append({"prompt": prompt, "completion": text, "tokens": len(new), "mean_depth": mean_depth,
                             "cache_mib": out.cache_bytes / 2 ** 20, "seconds": out.seconds, "batch": len(batch)})
             log(prompt + text)
