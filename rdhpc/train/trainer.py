@@ -525,7 +525,7 @@ class Trainer:
         """Tear the process group down before the interpreter exits. Left to the exit handlers,
         gloo's threads can be destroyed while still joinable when the peer exits at the same time,
         and the rank dies by SIGABRT ("terminate called without an active exception") instead of
-        exiting with its status: 2 of 30 runs where both ranks refuse a corrupted shard, 0 of 80
+        exiting with its status: 2 of 30 runs where both ranks refuse a corrupted shard, 0 of 110
         with this. gloo's teardown is local, so it is safe after a failure too. NCCL's is not:
         destroying a communicator while other ranks still wait in a collective can hang this rank
         (torchtitan destroys only after success for that reason), so a failed NCCL rank leaves it
