@@ -145,8 +145,10 @@ def test_adam_atan2_clips_per_tensor_inside_a_flat_partition():
     generator = torch.Generator().manual_seed(0)
     shapes, paddings = [(7, 3), (5,), (2, 2, 2)], [3, 0, 1]
     tensors = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
-    flat = torch.nn.Parameter(torch.cat([torch.cat([t.detach().flatten(), torch.zeros(pad)])
-                                         for t, pad in zip(tensors, paddings)]))
+
+    def flatten(parts):  # as ZeRO lays tensors out: each flattened, then its padding
+        return torch.cat([torch.cat([t.detach().flatten(), torch.zeros(pad)]) for t, pad in zip(parts, paddings)])
+    flat = torch.nn.Parameter(flatten(tensors))
     reference = AdamAtan2(tensors, lr=0.1, weight_decay=0.01, update_clip=0.5)
     flat_opt = AdamAtan2([flat], lr=0.1, weight_decay=0.01, update_clip=0.5)
     flat_opt.set_flat_layout(0, FlatLayout(flat_layout([t.numel() for t in tensors], paddings, flat.numel(), 0),
@@ -157,10 +159,10 @@ def test_adam_atan2_clips_per_tensor_inside_a_flat_partition():
         grads = [torch.randn(s, generator=generator) * (1 + 5 * step * k) for k, s in enumerate(shapes)]
         for t, g in zip(tensors, grads):
             t.grad = g
-        flat.grad = torch.cat([torch.cat([g.flatten(), torch.zeros(pad)]) for g, pad in zip(grads, paddings)])
+        flat.grad = flatten(grads)
         whole_flat.param_groups[0]["params"][0].grad = flat.grad.clone()
         reference.step(), flat_opt.step(), whole_flat.step()
-    expected = torch.cat([torch.cat([t.detach().flatten(), torch.zeros(pad)]) for t, pad in zip(tensors, paddings)])
+    expected = flatten(tensors)
     torch.testing.assert_close(flat.detach(), expected, rtol=1e-6, atol=1e-7)
     # without the layout the flat partition is clipped as one tensor: another result
     assert not torch.allclose(whole_flat.param_groups[0]["params"][0].detach(), expected, rtol=1e-4)
