@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Subcommands that belong to the pipeline but are not built yet: (name, what it will do, issue).
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True):
     parser.add_argument("config", nargs=None if required else "?", help="YAML run configuration")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -54,10 +53,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_launch_local(args) -> int:
-    from rdhpc.config import load_config
+    from rdhpc.config import ConfigError, load_config
     from rdhpc.launch.local import launch_local
 
-    load_config(args.config, args.overrides)  # every problem reported once, before any rank starts
+    run = load_config(args.config, args.overrides)  # every problem reported once, before any rank starts
+    if run.training_problems():
+        raise ConfigError(run.training_problems(), args.config)
     command = ["train", args.config] + [f"--set={o}" for o in args.overrides]
     return launch_local(command, args.nproc, log=lambda *a, **k: print(*a, **k))
 

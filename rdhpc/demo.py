@@ -28,6 +28,7 @@ from rdhpc.config import load_config, save_config
 from rdhpc.data.format import verify_folder
 from rdhpc.errors import UserError
 from rdhpc.launch.local import launch_local
+from rdhpc.run_folder import RunFolder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -63,10 +64,7 @@ def write_stdlib_corpus(path: Path, max_bytes: int) -> tuple[int, int]:
 
 def _finished(train_dir: Path, steps: int) -> bool:
     """The trainer's run_state.json says this run completed exactly `steps` steps."""
-    try:
-        state = json.loads((train_dir / "run_state.json").read_text())
-    except (OSError, ValueError):
-        return False
+    state = RunFolder(train_dir).read_run_state()
     return state.get("state") == "completed" and state.get("step") == steps
 
 
@@ -133,8 +131,9 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
         if status:
             print(f"[demo] FAILED: training exited with status {status}")
             return 1
-    losses = [json.loads(line)["loss"] for line in open(train_dir / "metrics.jsonl")]
-    checkpoints = train_dir / "checkpoints"
+    train_run = RunFolder(train_dir)
+    losses = [m["loss"] for m in train_run.metrics_lines()]
+    checkpoints = train_run.checkpoints
 
     # 4. Validation loss against recurrence depth from the final checkpoint: the test-time scaling curve.
     from rdhpc.eval.depth_eval import run_eval
@@ -168,8 +167,8 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
           f"{curve.loss[8]:.3f} at 8, {curve.loss[32]:.3f} at 32")
     print("[demo] where everything is:")
     for what, where in [("config", run_dir / "config.yaml"), ("corpus", corpus), ("tokenizer", tokenizer_path),
-                        ("shards", shards), ("checkpoints", checkpoints), ("TensorBoard events", train_dir / "tensorboard"),
-                        ("per-step metrics", train_dir / "metrics.jsonl"), ("loss vs depth plot", curve.files["png"]),
+                        ("shards", shards), ("checkpoints", checkpoints), ("TensorBoard events", train_run.tensorboard),
+                        ("per-step metrics", train_run.metrics), ("loss vs depth plot", curve.files["png"]),
                         ("loss vs depth table", curve.files["json"]), ("Huginn export", export_dir),
                         ("results", run_dir / "results.json")]:
         print(f"[demo]   {what:<20} {where}")

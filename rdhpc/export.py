@@ -33,9 +33,10 @@ from rdhpc.errors import UserError
 from rdhpc.model.config import ModelConfig
 from rdhpc.model.huginn import CONFIG_FILE, WEIGHTS_FILE, load_huginn, save_huginn
 from rdhpc.model.recurrent_depth import RecurrentDepthModel
+from rdhpc.run_folder import RunFolder
+from rdhpc.train.checkpoint import (DEEPSPEED_CONFIG, LATEST, RUN_CONFIG, TRAINER_STATE, is_tag_folder, read_latest,
+                                    state_dir)
 
-LATEST = "latest"  # the trainer's pointer file
-STATE_DIR = "rdhpc"  # the trainer's own files inside a checkpoint tag folder
 FORMATS = ("safetensors", "huginn")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 META_MODEL_CONFIG = "rdhpc.model_config"
@@ -62,22 +63,17 @@ class LoadedCheckpoint:
 
 # ---- DeepSpeed checkpoints ------------------------------------------------------------------------
 
-def _is_tag_folder(path: Path) -> bool:
-    return path.is_dir() and ((path / STATE_DIR / "trainer_state.json").is_file()
-                              or any(path.glob("*mp_rank_*_model_states.pt")))
-
-
 def resolve_deepspeed(path: str | Path) -> tuple[Path, str] | None:
     """(checkpoint folder, tag) for a checkpoint folder with `latest`, a tag folder or a run folder;
     None when `path` is not a DeepSpeed checkpoint."""
     path = Path(path)
-    for folder in (path, path / "checkpoints"):
-        if (folder / LATEST).is_file():
-            tag = (folder / LATEST).read_text().strip()
-            if not _is_tag_folder(folder / tag):
+    for folder in (path, RunFolder(path).checkpoints):
+        tag = read_latest(folder)
+        if tag is not None:
+            if not is_tag_folder(folder / tag):
                 raise ExportError(f"{folder / LATEST}: points to {tag!r}, which is not a complete checkpoint")
             return folder, tag
-    if _is_tag_folder(path):
+    if is_tag_folder(path):
         return path.parent, path.name
     return None
 
@@ -107,7 +103,7 @@ def _weights_only_loads(module):
 def zero_stage(tag_dir: Path) -> int:
     """The ZeRO stage a checkpoint was written with: from the run's saved DeepSpeed JSON, else from
     the files (stage 0 writes no optimizer partitions)."""
-    ds_json = tag_dir / STATE_DIR / "deepspeed.json"
+    ds_json = state_dir(tag_dir) / DEEPSPEED_CONFIG
     if ds_json.is_file():
         return int(json.loads(ds_json.read_text()).get("zero_optimization", {}).get("stage", 0))
     return 1 if any(tag_dir.glob("*optim_states.pt")) else 0
@@ -142,15 +138,15 @@ def _load_deepspeed(folder: Path, tag: str, device, dtype) -> LoadedCheckpoint:
     from rdhpc.config import config_from_checkpoint
 
     tag_dir = folder / tag
-    config_file = tag_dir / STATE_DIR / "config.yaml"
+    config_file = state_dir(tag_dir) / RUN_CONFIG
     if not config_file.is_file():
         raise ExportError(f"{config_file}: not found (rdhpc writes the run config into every checkpoint; "
                           "without it the model shape is unknown)")
-    run = config_from_checkpoint(tag_dir / STATE_DIR)
+    run = config_from_checkpoint(state_dir(tag_dir))
     state = consolidated_state_dict(folder, tag)
     model = _model_with_state(run.model, state, str(tag_dir), device, dtype)
     step = None
-    trainer_state = tag_dir / STATE_DIR / "trainer_state.json"
+    trainer_state = state_dir(tag_dir) / TRAINER_STATE
     if trainer_state.is_file():
         step = json.loads(trainer_state.read_text()).get("step")
     return LoadedCheckpoint(model, "deepspeed", tag_dir, step, run, _tokenizer_of_run(run))
@@ -240,7 +236,8 @@ def _load_safetensors(path: Path, device, dtype) -> LoadedCheckpoint:
 
         from rdhpc.config import config_from_dict
 
-        run = config_from_dict(yaml.safe_load(metadata[META_RUN_CONFIG]), source=f"{path} ({META_RUN_CONFIG})")
+        run = config_from_dict(yaml.safe_load(metadata[META_RUN_CONFIG]), source=f"{path} ({META_RUN_CONFIG})",
+                               written_by_rdhpc=True)
     stored_dtype = next(iter(state.values())).dtype if state else None
     model = _model_with_state(config, state, str(path), device, dtype or stored_dtype)  # as stored by default
     step = int(metadata[META_STEP]) if META_STEP in metadata else None

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from rdhpc.cli import main
 from rdhpc.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
@@ -37,11 +38,11 @@ def test_size_is_a_base_and_keys_override_it():
 
 def test_overrides_beat_the_file_and_parse_as_yaml(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("model:\n  size: debug\n  mean_recurrence: 8\ntrain:\n  val_depths: [1, 2]\n")
-    config = load_config(path, ["model.mean_recurrence=16", "train.val_depths=[3, 5]", "train.precision=fp32",
+    path.write_text("model:\n  size: debug\n  mean_recurrence: 8\neval:\n  depths: [1, 2]\n")
+    config = load_config(path, ["model.mean_recurrence=16", "eval.depths=[3, 5]", "train.precision=fp32",
                                 "optim.lr=1e-3", "model.qk_bias=false"])
     assert config.model.mean_recurrence == 16
-    assert config.train.val_depths == [3, 5]
+    assert config.eval.depths == [3, 5]
     assert config.optim.lr == 1e-3 and isinstance(config.optim.lr, float)  # YAML 1.1 reads 1e-3 as a string
     assert config.model.qk_bias is False
     assert parse_override("model.size=huginn-3.5b") == (["model", "size"], "huginn-3.5b")
@@ -51,7 +52,8 @@ def test_all_problems_are_reported_at_once():
     problems = problems_of(
         {"model": {"size": "debug", "hidden_size": 65, "mean_recurence": 3, "qk_bias": "yes", "block_type": "post"},
          "trian": {},
-         "train": {"val_depths": [1, "x"], "micro_batch_size": 3, "global_batch_size": 8}},
+         "train": {"val_depths": [1, 2], "micro_batch_size": 3, "global_batch_size": 8},
+         "eval": {"depths": [1, "x"]}},
         ["optim.lr=abc", "zero.stage=5", "nosuch.key=1", "badformat"])
     text = "\n".join(problems)
     expected = [
@@ -59,7 +61,8 @@ def test_all_problems_are_reported_at_once():
         "model.mean_recurence: unknown key (did you mean 'mean_recurrence'?)",
         "model.qk_bias: expected bool, got str 'yes'",
         "optim.lr: expected float, got str 'abc'",
-        "train.val_depths[1]: expected int, got str 'x'",
+        "eval.depths[1]: expected int, got str 'x'",
+        "train.val_depths: moved to eval.depths",
         "model.hidden_size: 65 is not divisible by model.num_heads = 4",
         "model.block_type: unknown value 'post'",
         "train.global_batch_size: 8 is not a multiple of train.micro_batch_size = 3",
@@ -112,11 +115,18 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 
 def test_saved_config_reloads_identically(tmp_path):
-    config = config_from_dict({"model": {"size": "debug"}}, ["train.val_depths=[1, 3]", "optim.betas=[0.8, 0.9]"])
+    config = config_from_dict({"model": {"size": "debug"}}, ["eval.depths=[1, 3]", "optim.betas=[0.8, 0.9]"])
     save_config(config, tmp_path / "ckpt")
     again = config_from_checkpoint(tmp_path / "ckpt")
     assert config_to_dict(again) == config_to_dict(config)
     assert again == config
+    # a checkpoint's config written before the eval section existed still loads, its keys moved
+    old = config_to_dict(config)
+    old["train"].update(val_interval=7, val_depths=[2, 5], val_batches=3)
+    del old["eval"]
+    (tmp_path / "ckpt" / "config.yaml").write_text(yaml.safe_dump(old))
+    moved = config_from_checkpoint(tmp_path / "ckpt")
+    assert (moved.eval.interval, moved.eval.depths, moved.eval.batches) == (7, [2, 5], 3)
 
 
 def test_cli_reports_every_problem_and_exits_2(tmp_path, capsys):

@@ -8,7 +8,7 @@ import sys
 def test_demo_runs_end_to_end_and_reuses_what_is_done(tmp_path, repo_root):
     run_dir = tmp_path / "demo"
     command = [sys.executable, "-m", "rdhpc.cli", "demo", "--run-dir", str(run_dir), "--steps", "60",
-               "--set", "train.log_interval=10", "--set", "train.val_interval=30", "--set", "checkpoint.interval=30"]
+               "--set", "train.log_interval=10", "--set", "eval.interval=30", "--set", "checkpoint.interval=30"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=repo_root, timeout=900)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
     for stage in range(1, 6):

@@ -69,6 +69,23 @@ def test_eval_command_on_a_deepspeed_checkpoint_and_its_export(tmp_path, capsys)
     assert again["loss"] == result["loss"]
 
 
+def test_in_loop_validation_equals_the_eval_command(tmp_path, capsys):
+    """The trainer's validation (rdhpc.eval.in_loop, through the DeepSpeed engine) and `rdhpc eval`
+    of the checkpoint saved at that step compute the same token-weighted losses on the same rows."""
+    run = trained_runs.trained_run(12, 1, "fp32", 1)
+    assert main(["eval", str(run), "--data", str(trained_runs.shards()), "--steps", "1,2,4,8", "--max-rows", "8",
+                 "--batch-size", "4", "--seed", "0", "--out", str(tmp_path / "offline")]) == 0
+    offline = json.loads((tmp_path / "offline" / "eval.json").read_text())["loss"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for depth in (1, 2, 4, 8):  # configs/debug.yaml: eval.depths [1, 2, 4, 8], 2 batches of 4 rows
+        (event,) = events.Scalars(f"val/loss_r{depth}")
+        assert event.step == 12 and event.value == pytest.approx(offline[str(depth)], rel=1e-6)
+
+
 def test_eval_errors(capsys):
     run = trained_runs.trained_run(12, 1, "fp32")
     assert main(["eval", str(run), "--data", str(trained_runs.shards()), "--steps", "1,zero"]) == 2

@@ -121,3 +121,26 @@ def test_mismatched_shards_stop_before_the_first_step(shards, tmp_path):
     with pytest.raises(ValueError, match="does not split"):
         BatchLoader(ShardDataset(shards, "train"), global_batch_size=8, micro_batch_size=3, rank=0,
                     world_size=2, seed=0)
+
+
+def test_a_resume_on_other_data_is_refused(shards, tmp_path):
+    """The loader's state records each source's tokenizer and shard content: the same row count
+    with other tokens (or another tokenizer) cannot silently continue the run."""
+    import shutil
+
+    from rdhpc.data.format import read_manifest
+
+    dataset = ShardDataset(shards, "train")
+    state = BatchLoader(dataset, 8, 2, rank=0, world_size=1, seed=0).state_dict()
+    assert state["sources"][0]["tokenizer_sha256"] == dataset.manifest.tokenizer.sha256
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)  # the same shards elsewhere: the same data
+    BatchLoader(ShardDataset(moved, "train"), 8, 2, rank=0, world_size=1, seed=0).load_state_dict(state)
+    manifest = read_manifest(moved)
+    manifest.shards[0].sha256 = "0" * 64  # as if the shard had been rewritten with other tokens
+    manifest.write(moved)
+    other = BatchLoader(ShardDataset(moved, "train"), 8, 2, rank=0, world_size=1, seed=0)
+    with pytest.raises(ShardError, match="shards_sha256 was .*the checkpoint was trained on"):
+        other.load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "sources"}  # a checkpoint from before sources were recorded
+    other.load_state_dict(older)

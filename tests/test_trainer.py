@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 def launch_command(shards, run_dir, *overrides, nproc=2):
     command = [sys.executable, "-m", "rdhpc.cli", "launch", "local", "configs/debug.yaml", "--nproc", str(nproc),
                "--set", f"data.train_dir={shards}", "--set", "model.max_seq_len=64", "--set", f"logging.run_dir={run_dir}",
-               "--set", "train.log_interval=2", "--set", "train.val_interval=4", "--set", "checkpoint.interval=4"]
+               "--set", "train.log_interval=2", "--set", "eval.interval=4", "--set", "checkpoint.interval=4"]
     for o in overrides:
         command += ["--set", o]
     return command
@@ -182,7 +182,7 @@ def test_adam_atan2_clipping_is_the_same_at_every_zero_stage(tmp_path, shards, p
         run_dir = tmp_path / f"atan2-z{stage}"
         done = launch(tmp_path, shards, run_dir, "train.max_steps=6", f"zero.stage={stage}", f"train.precision={precision}",
                       "optim.name=adam-atan2", "optim.update_clip=0.5", "schedule.warmup_steps=0",
-                      "train.val_interval=100", "checkpoint.interval=100")
+                      "eval.interval=100", "checkpoint.interval=100")
         assert done.returncode == 0, done.stderr[-3000:]
         curves[stage] = [losses(run_dir)[s] for s in range(1, 7)]
     if precision == "fp32":
@@ -191,7 +191,7 @@ def test_adam_atan2_clipping_is_the_same_at_every_zero_stage(tmp_path, shards, p
         # resumed from a checkpoint, the layouts are attached to the loaded partitions: bit-identical
         split = tmp_path / "atan2-split"
         common = ["zero.stage=1", "optim.name=adam-atan2", "optim.update_clip=0.5", "schedule.warmup_steps=0",
-                  "train.val_interval=100", "checkpoint.interval=3"]
+                  "eval.interval=100", "checkpoint.interval=3"]
         assert launch(tmp_path, shards, split, "train.max_steps=3", *common).returncode == 0
         done = launch(tmp_path, shards, split, "train.max_steps=6", *common)
         assert done.returncode == 0 and "resumed from" in done.stdout, done.stderr[-3000:]
@@ -218,7 +218,7 @@ def test_flops_count_the_sampled_depth():
     # 24 more forward iterations of the core: 2 flops per core parameter plus attention, per iteration
     core = 4 * 395_398_080 + 2 * 5280 * 5280 - 4 * (4 * 5280)  # without the norms
     assert deep - shallow == pytest.approx(24 * (2 * core + 4 * 4 * 4096 * 5280), rel=1e-3)
-    # issue 7's figures for the paper's code on one H200 count attention's causal half:
+    # the reference figures for the paper's code on one H200 count attention's causal half:
     # 2,411 tokens/s = 428 TFLOP/s, 2,943 tokens/s = 523 TFLOP/s
     causal = flops_per_token(c, 4096, 24, 8, causal=True)
     assert (2411 * causal / 1e12, 2943 * causal / 1e12) == pytest.approx((428, 523), abs=0.5)
@@ -251,7 +251,7 @@ def test_every_zero_stage_and_precision_trains(tmp_path, shards, stage, precisio
     # no warm-up, so that 8 steps learn clearly more than the batch-to-batch noise of the loss
     # (~0.05 here), whatever order the shards' rows come in
     done = launch(tmp_path, shards, run_dir, "train.max_steps=8", f"zero.stage={stage}", f"train.precision={precision}",
-                  "train.val_interval=100", "checkpoint.interval=100", "schedule.warmup_steps=0")
+                  "eval.interval=100", "checkpoint.interval=100", "schedule.warmup_steps=0")
     assert done.returncode == 0, done.stderr[-3000:]
     curve = losses(run_dir)
     assert np.mean([curve[7], curve[8]]) < np.mean([curve[1], curve[2]]) - 0.05
@@ -288,7 +288,7 @@ def test_killed_during_a_save_resumes_exactly(tmp_path, shards):
     run_dir = tmp_path / "killed"
     command = [sys.executable, "-m", "rdhpc.cli", "launch", "local", "configs/debug.yaml", "--nproc", "2",
                "--set", f"data.train_dir={shards}", "--set", "model.max_seq_len=64", "--set", f"logging.run_dir={run_dir}",
-               "--set", "train.max_steps=8", "--set", "checkpoint.interval=1", "--set", "train.val_interval=4"]
+               "--set", "train.max_steps=8", "--set", "checkpoint.interval=1", "--set", "eval.interval=4"]
     process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # wait until checkpoints are being written, then kill -9 the whole launch (all ranks) mid-run
@@ -438,7 +438,7 @@ def test_a_dead_or_frozen_rank_is_named_and_every_rank_exits(tmp_path, shards, f
 
     run_dir = tmp_path / fault
     ranks = start_ranks(shards, run_dir, "train.max_steps=400", "train.heartbeat_interval_s=1",
-                        "train.collective_timeout_s=15", "checkpoint.interval=1000", "train.val_interval=1000")
+                        "train.collective_timeout_s=15", "checkpoint.interval=1000", "eval.interval=1000")
     try:
         wait_for(lambda: steps_done(run_dir) >= 2, what="step 2")
         victim = ranks[1]
@@ -525,3 +525,52 @@ def test_continued_pretraining_from_released_layout_weights(tmp_path, shards, st
     # a resumed run takes its own checkpoint, not the initial weights again
     done = launch(None, shards, run_dir, "train.max_steps=2", f"checkpoint.init_from={released}")
     assert done.returncode == 0 and "initial weights from" not in done.stdout and "resumed from" in done.stdout
+
+
+@pytest.mark.parametrize("raised, expected", [
+    (ZeroDivisionError("a bug"), ZeroDivisionError),  # a bug keeps its type and traceback
+    (RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"), "TrainingError"),
+    ("user", "ShardError"),  # a user's mistake keeps its one-line message
+])
+def test_failures_keep_their_class(tmp_path, monkeypatch, raised, expected):
+    """How train() ends on each kind of failure: the run state records it every time; only a broken
+    collective becomes a TrainingError naming the ranks; a bug is re-raised as it is."""
+    from rdhpc.data.format import ShardError
+    from rdhpc.distributed import RankInfo
+    from rdhpc.train import trainer as trainer_module
+
+    if raised == "user":
+        raised = ShardError("shards/train-00000.arrow: sha256 does not match")
+
+    def failing_setup(self):
+        raise raised
+
+    monkeypatch.setattr(trainer_module.Trainer, "setup", failing_setup)
+    run = config_from_dict({"model": {"size": "debug"}}, [f"logging.run_dir={tmp_path}", "data.train_dir=shards",
+                                                          "train.heartbeat_interval_s=0.05"])
+    with pytest.raises(Exception) as info:
+        trainer_module.train(run, RankInfo(0, 1, 0, 1, "single"), log=lambda *a, **k: None)
+    name = expected if isinstance(expected, str) else expected.__name__
+    assert type(info.value).__name__ == name
+    state = json.loads((tmp_path / "run_state.json").read_text())
+    assert state["state"] == "failed" and state["step"] == 0 and state["start_step"] == 0
+    if expected is ZeroDivisionError:
+        assert info.value is raised and "rank 0 failed at step 0: ZeroDivisionError: a bug" in info.value.__notes__[0]
+    if name == "TrainingError":
+        assert info.value.__cause__ is raised and "Connection closed by peer" in str(info.value)
+    if name == "ShardError":
+        assert info.value is raised and state["error"] == str(raised)
+
+
+def test_a_bug_in_a_rank_prints_its_traceback(tmp_path, shards):
+    """End to end: the CLI keeps a programming error's traceback (exit 1), where a user's mistake
+    gets one line and exit 2 (test_a_failing_rank_fails_the_launch)."""
+    done = subprocess.run([sys.executable, "-c", "import sys; from rdhpc.train import trainer; "
+                           "trainer.Trainer.train = lambda self: 1 / 0; from rdhpc.cli import main; "
+                           "sys.exit(main(sys.argv[1:]))", "train", "configs/debug.yaml",
+                           "--set", f"data.train_dir={shards}", "--set", "model.max_seq_len=64",
+                           "--set", f"logging.run_dir={tmp_path / 'run'}", "--set", "train.heartbeat_interval_s=0.1"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=dict(os.environ, LOCAL_RANK="0"))
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" in done.stderr and "ZeroDivisionError" in done.stderr
+    assert "rank 0 failed at step 0: ZeroDivisionError" in done.stderr  # the note with the diagnosis

@@ -61,7 +61,7 @@ def trained_run(steps: int = 4, stage: int = 1, precision: str = "fp32", nproc: 
                "--set", f"data.train_dir={data}", "--set", "model.max_seq_len=64",
                "--set", f"logging.run_dir={run_dir}", "--set", f"train.max_steps={steps}",
                "--set", f"zero.stage={stage}", "--set", f"train.precision={precision}",
-               "--set", "train.val_interval=1000", "--set", "checkpoint.interval=1000",
+               "--set", "eval.interval=1000", "--set", "checkpoint.interval=1000",
                "--set", "schedule.warmup_steps=2"]
     for o in overrides:
         command += ["--set", o]

@@ -47,7 +47,7 @@ def main() -> int:
                              out=str(work / "shards"), pack="carry"), log=lambda *a: None)
     run = load_config(DEMO_CONFIG, [f"data.train_dir={work / 'shards'}", f"logging.run_dir={work / 'run'}",
                                     "train.log_interval=10", f"train.max_steps={args.steps}",
-                                    "train.val_interval=1000000", "checkpoint.interval=1000000"])
+                                    "eval.interval=1000000", "checkpoint.interval=1000000"])
     trainer = Trainer(run, discover_ranks(), log=lambda *a: None)
     trainer.setup()
     batches = [b for _, b in zip(range(args.steps), trainer.loader)]

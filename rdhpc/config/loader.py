@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from rdhpc.config.schema import SECTION_NAMES, RunConfig
+from rdhpc.config.schema import MOVED_KEYS, SECTION_NAMES, RunConfig
 from rdhpc.errors import ConfigError  # noqa: F401  (defined there, re-exported here)
 from rdhpc.model.config import MODEL_SIZES
 
@@ -67,6 +67,13 @@ def _convert(value: Any, tp, key: str, problems: list[str]) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if isinstance(value, dict):
+            before = len(problems)
+            items = {_convert(k, key_type, f"{key} key {k!r}", problems): _convert(v, value_type, f"{key}.{k}", problems)
+                     for k, v in value.items()}
+            return None if len(problems) > before else items
     elif origin in (list, tuple):
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)):
@@ -86,16 +93,28 @@ def _convert(value: Any, tp, key: str, problems: list[str]) -> Any:
     return None
 
 
-def _build_section(cls, values: dict, prefix: str, problems: list[str]):
+def build_section(cls, values: dict, prefix: str, problems: list[str], moved: dict | None = None):
+    """A dataclass from a mapping: every key known and of its annotated type, else a problem naming
+    `prefix.key` (a dataclass-typed field is a nested section). `moved`: full keys that moved, with
+    their new place. Fields with a problem keep their defaults."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            problems.append(f"{prefix}.{key}: unknown key{_did_you_mean(key, fields)}")
+            new_place = (moved or {}).get(name)
+            problems.append(f"{name}: moved to {new_place}" if new_place else
+                            f"{name}: unknown key{_did_you_mean(str(key), fields)}")
             continue
         before = len(problems)
-        converted = _convert(value, hints[key], f"{prefix}.{key}", problems)
+        if dataclasses.is_dataclass(hints[key]):
+            if isinstance(value, dict):
+                converted = build_section(hints[key], value, name, problems, moved)
+            else:
+                problems.append(f"{name}: a section must be a mapping of keys, got {type(value).__name__}")
+        else:
+            converted = _convert(value, hints[key], name, problems)
         if len(problems) == before:
             kwargs[key] = converted
     return cls(**kwargs)
@@ -131,10 +150,27 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def config_from_dict(raw: dict, overrides: list[str] = (), source: str | None = None) -> RunConfig:
-    """Build and validate a RunConfig; raise ConfigError listing every problem."""
+def _migrate_moved_keys(raw: dict) -> dict:
+    """A config written by an earlier rdhpc (inside a checkpoint or an export): its moved keys are
+    put where they live now. User configs are told instead (`train.val_interval: moved to ...`)."""
+    out = {name: dict(values) if isinstance(values, dict) else values for name, values in raw.items()}
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        if isinstance(out.get(old_section), dict) and old_key in out[old_section]:
+            value = out[old_section].pop(old_key)
+            out.setdefault(new_section, {})
+            out[new_section].setdefault(new_key, value)
+    return out
+
+
+def config_from_dict(raw: dict, overrides: list[str] = (), source: str | None = None,
+                     written_by_rdhpc: bool = False) -> RunConfig:
+    """Build and validate a RunConfig; raise ConfigError listing every problem. `written_by_rdhpc`:
+    a config saved by rdhpc itself (checkpoint, export), possibly by an earlier version."""
     problems: list[str] = []
     sections: dict[str, dict] = {}
+    if written_by_rdhpc:
+        raw = _migrate_moved_keys(raw)
     for name, values in raw.items():
         if name not in SECTION_NAMES:
             problems.append(f"{name}: unknown section{_did_you_mean(name, SECTION_NAMES)}")
@@ -168,7 +204,8 @@ def config_from_dict(raw: dict, overrides: list[str] = (), source: str | None = 
     sections["model"] = model_values
 
     hints = typing.get_type_hints(RunConfig)
-    built = {name: _build_section(hints[name], sections.get(name, {}), name, problems) for name in SECTION_NAMES}
+    built = {name: build_section(hints[name], sections.get(name, {}), name, problems, MOVED_KEYS)
+             for name in SECTION_NAMES}
     config = RunConfig(**built)
     # Fields with a type error kept their defaults; value checks run on everything else, so one
     # run reports every problem, without a second message about a key already reported.
@@ -210,4 +247,6 @@ def save_config(config: RunConfig, folder: str | Path) -> Path:
 
 
 def config_from_checkpoint(folder: str | Path) -> RunConfig:
-    return load_config(Path(folder) / CONFIG_FILE_NAME)
+    """The run config saved next to a checkpoint (by this rdhpc or an earlier one)."""
+    path = Path(folder) / CONFIG_FILE_NAME
+    return config_from_dict(read_yaml(path), source=str(path), written_by_rdhpc=True)

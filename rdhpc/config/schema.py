@@ -139,10 +139,6 @@ class TrainConfig:
     backward produces it and free it (DeepSpeed's bf16.immediate_grad_update), instead of keeping
     every bf16 gradient until the end of backward: one bf16 copy of the weights less at the peak."""
     log_interval: int = 10
-    val_interval: int = 500
-    val_depths: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
-    """Fixed depths of the validation loss: the live test-time scaling curve."""
-    val_batches: int = 16
     max_consecutive_skips: int = 5
     """Steps with a non-finite loss or gradient are skipped; this many in a row stop the run."""
     peak_tflops_per_device: float | None = None
@@ -161,8 +157,8 @@ class TrainConfig:
 
     def problems(self, prefix="train"):
         out = check_bounds(self, prefix, positive=(
-            "global_batch_size", "micro_batch_size", "max_steps", "log_interval", "val_interval", "val_batches",
-            "max_consecutive_skips", "collective_timeout_s", "heartbeat_interval_s"), non_negative=("stall_timeout_s",))
+            "global_batch_size", "micro_batch_size", "max_steps", "log_interval", "max_consecutive_skips",
+            "collective_timeout_s", "heartbeat_interval_s"), non_negative=("stall_timeout_s",))
         if self.peak_tflops_per_device is not None and not self.peak_tflops_per_device > 0:
             out.append(f"{prefix}.peak_tflops_per_device: must be > 0 or unset, got {self.peak_tflops_per_device}")
         out += check_choice(self, prefix, "precision", PRECISIONS) + check_choice(self, prefix, "device", DEVICES)
@@ -172,15 +168,35 @@ class TrainConfig:
         if self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
             out.append(f"{prefix}.global_batch_size: {self.global_batch_size} is not a multiple of "
                        f"{prefix}.micro_batch_size = {self.micro_batch_size}")
-        bad_depths = [d for d in self.val_depths if d < 1]
-        if bad_depths:
-            out.append(f"{prefix}.val_depths: depths must be >= 1, got {bad_depths}")
         return out
 
     @property
     def compile_scope(self) -> str | None:
         """None, 'core' or 'model' (`compile: true` is 'core')."""
         return {False: None, True: "core"}.get(self.compile, self.compile)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation inside the training loop (rdhpc.eval.in_loop): every `interval` optimizer steps and
+    at the end of the run, on every rank's share of the validation rows, results reduced over ranks."""
+
+    interval: int = 500
+    """Evaluate every N optimizer steps (and after the last one)."""
+    depths: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
+    """Fixed depths of the validation loss (`val/loss_r{r}`): the live test-time scaling curve. One
+    trajectory to the deepest depth serves them all."""
+    batches: int = 16
+    """Micro-batches of validation rows per rank per evaluation."""
+
+    def problems(self, prefix="eval"):
+        out = check_bounds(self, prefix, positive=("interval", "batches"))
+        if not self.depths:
+            out.append(f"{prefix}.depths: give at least one depth")
+        bad_depths = [d for d in self.depths if d < 1]
+        if bad_depths:
+            out.append(f"{prefix}.depths: depths must be >= 1, got {bad_depths}")
+        return out
 
 
 @dataclass
@@ -332,10 +348,17 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def training_problems(self) -> list[str]:
+        """What only training needs (`rdhpc config` and `rdhpc plan` take a config without data)."""
+        if self.data.train_dir is None:
+            return ["data.train_dir: required for training (a folder made by `rdhpc prep shards`)"]
+        return []
 
     def problems(self) -> list[str]:
         """Every problem of every section, then the ones that involve two sections."""
@@ -353,10 +376,16 @@ class RunConfig:
         if self.train.compile_scope is not None and self.zero.stage == 3:
             out.append("train.compile: not with zero.stage 3 (its parameter gathering hooks fire inside the compiled "
                        "region); use stage 1 or 2")
+        if self.train.precision == "bf16" and self.zero.stage == 0:
+            out.append("zero.stage: bf16 needs ZeRO stage >= 1 (DeepSpeed's stage-0 bf16 wrapper takes a hidden "
+                       "optimizer step at start, so AdamW's bias correction is off by one)")
         if self.train.bf16_immediate_grad_update and not (self.train.precision == "bf16" and self.zero.stage == 1):
             out.append("train.bf16_immediate_grad_update: applies to precision bf16 with zero.stage 1 only "
                        "(DeepSpeed's bf16 optimizer)")
         return out
 
 
-SECTION_NAMES = ("model", "data", "optim", "schedule", "train", "zero", "checkpoint", "logging", "slurm")
+SECTION_NAMES = ("model", "data", "optim", "schedule", "train", "eval", "zero", "checkpoint", "logging", "slurm")
+# Keys that moved to another section: a config that still sets one is told where it went.
+MOVED_KEYS = {"train.val_interval": "eval.interval", "train.val_depths": "eval.depths",
+              "train.val_batches": "eval.batches"}

@@ -7,6 +7,9 @@ slice of every global batch, prepared ahead of the step by a background thread.
         for inputs, labels in step_batches: # the micro-batches of this rank (gradient accumulation)
             ...
 
+The loader reads rows through a RowSource (how many rows, these rows, a fingerprint); ShardDataset,
+one split of a `rdhpc prep shards` folder, is the source the trainer uses.
+
 The order is a seeded pseudo-random permutation of all rows, computed row by row (a Feistel network
 with cycle walking), so it needs no memory however many rows there are and every rank computes the
 same one without communicating. The position is counted in global batches: a run resumed on another
@@ -17,9 +20,11 @@ here.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -75,6 +80,21 @@ class FeistelPermutation:
         return x.astype(np.int64)
 
 
+class RowSource(Protocol):
+    """What the loader needs of its data: rows addressed by a global index, and a fingerprint that a
+    checkpoint records so that a resume on other data is refused. A weighted mixture of several
+    sources is one more RowSource."""
+
+    seq_len: int
+    pad_id: int
+
+    def __len__(self) -> int: ...
+
+    def rows(self, indices: np.ndarray) -> np.ndarray: ...
+
+    def fingerprint(self) -> dict: ...
+
+
 class ShardDataset:
     """Every row of one split of a `rdhpc prep shards` folder, addressed by a global row index.
     Each shard is checked when opened (version, dtype, seq_len, tokenizer hash, row count; sha256
@@ -93,6 +113,8 @@ class ShardDataset:
         entries = [e for e in self.manifest.split_shards(split) if e.rows > 0]
         if not entries:
             raise ShardError(f"{self.folder}: no {split} rows")
+        self.split = split
+        self.entries = entries
         self.readers = [open_shard(self.folder, e, self.manifest, verify_checksum=verify_checksums) for e in entries]
         self.starts = np.cumsum([0] + [len(r) for r in self.readers])
         self.num_rows = int(self.starts[-1])
@@ -101,6 +123,14 @@ class ShardDataset:
 
     def __len__(self) -> int:
         return self.num_rows
+
+    def fingerprint(self) -> dict:
+        """What identifies these rows wherever the folder lies: the tokenizer and a hash of the
+        split's shard list (names, row counts, sha256 of every shard, as the manifest records them)."""
+        listing = "\n".join(f"{e.file} {e.rows} {e.sha256}" for e in self.entries)
+        return {"folder": str(self.folder), "split": self.split, "rows": self.num_rows,
+                "tokenizer_sha256": self.manifest.tokenizer.sha256,
+                "shards_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         shard = np.searchsorted(self.starts, indices, side="right") - 1
@@ -119,16 +149,18 @@ def inputs_and_labels(rows: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torc
 
 
 class BatchLoader:
-    """Yields, per optimizer step, this rank's micro-batches [(inputs, labels), ...]."""
+    """Yields, per optimizer step, this rank's micro-batches [(inputs, labels), ...] from a RowSource:
+    the order, the rank slicing, the tensors and the prefetch live here, the rows in the source."""
 
-    def __init__(self, dataset: ShardDataset, global_batch_size: int, micro_batch_size: int, rank: int,
+    def __init__(self, dataset: RowSource, global_batch_size: int, micro_batch_size: int, rank: int,
                  world_size: int, seed: int, on_exhausted: str = "stop", prefetch_steps: int = 2):
         per_rank, remainder = divmod(global_batch_size, world_size)
         if remainder or per_rank % micro_batch_size:
             raise ValueError(f"global batch {global_batch_size} does not split into {world_size} ranks x "
                              f"micro-batches of {micro_batch_size}")
         if len(dataset) < global_batch_size:
-            raise ShardError(f"{dataset.folder}: {len(dataset)} rows, fewer than one global batch of {global_batch_size}")
+            where = dataset.fingerprint().get("folder", "the data")
+            raise ShardError(f"{where}: {len(dataset)} rows, fewer than one global batch of {global_batch_size}")
         if on_exhausted not in ("stop", "new_epoch"):
             raise ValueError(f"on_exhausted must be 'stop' or 'new_epoch', got {on_exhausted!r}")
         self.dataset, self.global_batch_size, self.micro_batch_size = dataset, global_batch_size, micro_batch_size
@@ -163,12 +195,21 @@ class BatchLoader:
     # ---- iteration with prefetch ------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"consumed_steps": self.consumed_steps, "seed": self.seed, "global_batch_size": self.global_batch_size,
-                "num_rows": len(self.dataset)}
+                "num_rows": len(self.dataset), "sources": [self.dataset.fingerprint()]}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "global_batch_size", "num_rows"):
-            if state[key] != self.state_dict()[key]:
-                raise ValueError(f"cannot resume the data order: {key} was {state[key]}, now {self.state_dict()[key]}")
+        """Continue from a checkpoint's position; refuse when the data is not the data the run was
+        trained on (another seed, batch, row count, tokenizer or shard content: the order would
+        silently change). Checkpoints written before sources were recorded check what they have."""
+        now = self.state_dict()
+        problems = [f"{key} was {state[key]}, now {now[key]}" for key in ("seed", "global_batch_size", "num_rows")
+                    if state[key] != now[key]]
+        for before, after in zip(state.get("sources", []), now["sources"]):
+            problems += [f"{after['folder']}: {key} was {before[key][:16]}, now {after[key][:16]} (the checkpoint was "
+                         f"trained on {before['folder']})"
+                         for key in ("tokenizer_sha256", "shards_sha256") if before.get(key) not in (None, after[key])]
+        if problems:
+            raise ShardError("cannot resume the data order: " + "; ".join(problems))
         self.consumed_steps = int(state["consumed_steps"])
 
     def __iter__(self):

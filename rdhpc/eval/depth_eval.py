@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rdhpc.errors import UserError
-from rdhpc.model.recurrent_depth import IGNORE_INDEX, RecurrentDepthModel
+from rdhpc.model.recurrent_depth import RecurrentDepthModel
 
 
 class EvalError(UserError, ValueError):
@@ -74,24 +73,14 @@ def parse_depths(text: str) -> list[int]:
 
 
 @torch.no_grad()
-def loss_by_depth(model: RecurrentDepthModel, inputs: torch.Tensor, labels: torch.Tensor, depths: list[int],
+def loss_by_depth(model, inputs: torch.Tensor, labels: torch.Tensor, depths: list[int],
                   init_scale: float = 1.0) -> dict[int, tuple[float, int]]:
-    """{depth: (summed token loss, counted tokens)} of one batch, all depths from one trajectory."""
-    T = inputs.shape[1]
-    rope = model.rope(T, inputs.device)
-    embedded = model.embed(inputs, rope)
-    state = model.initial_state(embedded, init_scale)
-    wanted = set(depths)
-    count = int((labels != IGNORE_INDEX).sum())
-    out = {}
-    for depth in range(1, max(depths) + 1):
-        state = model.core_iteration(state, embedded, rope)
-        if depth in wanted:
-            logits = model.readout(state, rope)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
-            out[depth] = (float(loss), count)
-    return out
+    """{depth: (summed token loss, counted tokens)} of one batch, all depths from one trajectory
+    (the model's forward with `readout_depths`). `model` may be the DeepSpeed engine: its forward
+    gathers ZeRO-3's partitioned weights."""
+    out = model(inputs, labels=labels, init_scale=init_scale, readout_depths=depths)
+    count = int(out.num_label_tokens)
+    return {d: (float(out.depth_losses[d]), count) for d in depths}
 
 
 def evaluate_depths(model: RecurrentDepthModel, rows: np.ndarray, depths: list[int], pad_id: int,

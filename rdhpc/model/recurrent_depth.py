@@ -34,6 +34,8 @@ class ModelOutput:
     latent_state: torch.Tensor  # (B, T, C): s_r, the state after the last core iteration
     num_steps: tuple[int, int]  # (iterations without gradient, iterations with gradient) actually run
     previous_state: torch.Tensor | None = None  # s_{r-1}, for the convergence diagnostic |s_r - s_{r-1}| / |s_r|
+    depth_losses: dict[int, torch.Tensor] | None = None  # readout_depths: {r: summed token loss at depth r}
+    num_label_tokens: torch.Tensor | None = None  # readout_depths: labels counted in each summed loss
 
 
 def _trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
@@ -198,14 +200,19 @@ class RecurrentDepthModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, num_steps=None, labels: torch.Tensor | None = None,
                 init_scale: float = 1.0, input_states: torch.Tensor | None = None,
-                return_logits: bool = True) -> ModelOutput:
+                return_logits: bool = True, readout_depths: list[int] | None = None) -> ModelOutput:
+        """`readout_depths` (evaluation, needs labels, runs without gradient): the loss at each of
+        these depths from ONE trajectory: the core runs to the deepest, the coda and head read the
+        state out at each requested depth; `num_steps` is then ignored."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len = {self.config.max_seq_len}")
-        steps = self.resolve_num_steps(num_steps)
         rope = self.rope(T, input_ids.device)
         embedded = self.embed(input_ids, rope)
         state = input_states if input_states is not None else self.initial_state(embedded, init_scale)
+        if readout_depths:
+            return self._losses_by_depth(state, embedded, rope, labels, readout_depths)
+        steps = self.resolve_num_steps(num_steps)
         state, previous = self.iterate(state, embedded, rope, steps)
         hidden = self.decode(state, rope)  # (B, T, C)
         logits = loss = None
@@ -217,6 +224,27 @@ class RecurrentDepthModel(nn.Module):
             if labels is not None:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return ModelOutput(logits if return_logits else None, loss, state, steps, previous)
+
+    @torch.no_grad()
+    def _losses_by_depth(self, state, embedded, rope, labels, depths) -> ModelOutput:
+        if labels is None:
+            raise ValueError("readout_depths needs labels")
+        wanted = set(int(d) for d in depths)
+        deepest = max(wanted)
+        if min(wanted) < 1:
+            raise ValueError(f"readout depths must be >= 1, got {depths}")
+        injected = self.injection(embedded)
+        losses, previous = {}, state
+        for depth in range(1, deepest + 1):
+            previous, state = state, self.core_iteration(state, embedded, rope, None, injected)
+            if depth not in wanted:
+                continue
+            logits = F.linear(self.decode(state, rope), self.head_weight)
+            losses[depth] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                            reduction="sum")
+        count = (labels != IGNORE_INDEX).sum()
+        return ModelOutput(None, losses[deepest] / count.clamp_min(1), state, (deepest, 0), previous,
+                           depth_losses=losses, num_label_tokens=count)
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

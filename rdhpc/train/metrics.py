@@ -1,4 +1,5 @@
-"""Honest throughput: model FLOPs counted for the depth actually sampled in a step.
+"""Honest throughput: model FLOPs counted for the depth actually sampled in a step; and the one sink
+of a run's metrics (MetricsSink: TensorBoard, metrics.jsonl, the log, on the main rank only).
 
 The paper's trainer logged MFU for the MEAN depth, so a step at r = 90 and one at r = 5 reported the
 same FLOPs. Here a step with n iterations without gradient and k with gradient counts:
@@ -6,7 +7,7 @@ same FLOPs. Here a step with n iterations without gradient and k with gradient c
     core and adapter:     forward for n + k iterations, backward for the last k (2 x 2 per parameter)
     attention scores:     4 * T * h per layer and token forward (QK^T and AV, full T: no causal discount,
                           the usual convention), x3 where the layer is back-propagated; `causal=True`
-                          counts half (the work a causal kernel does: issue 7's figures count so)
+                          counts half (the work a causal kernel does: the GPU benchmark's figures count so)
 No recompute is counted: activation checkpointing costs time, not model FLOPs.
 """
 
@@ -56,3 +57,38 @@ def peak_tflops(device, dtype, configured: float | None) -> tuple[float, str]:
                 return value, f"datasheet peak of {name}"
         return timed_gemm_tflops(device, 4096, dtype, repeats=10), f"measured GEMM on {name} (unknown to the table)"
     return timed_gemm_tflops(device, 1024, dtype, repeats=3), f"measured {str(dtype).replace('torch.', '')} GEMM on this CPU"
+
+
+class MetricsSink:
+    """Where a run's numbers go, decided once: on the main rank, TensorBoard scalars
+    (RUN_DIR/tensorboard), one JSON line per optimizer step (RUN_DIR/metrics.jsonl) and the log; on
+    every other rank, nowhere (as torchtitan's metrics logger). Callers never ask which rank they are."""
+
+    def __init__(self, run_folder, is_main: bool, tensorboard: bool, log=print):
+        self.active = is_main
+        self.run_folder = run_folder
+        self.log = log if is_main else (lambda *a, **k: None)
+        self.writer = None
+        if is_main and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_folder.tensorboard))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+
+    def step_record(self, record: dict) -> None:
+        """One line of metrics.jsonl: what tests, `rdhpc status` and reports read back."""
+        if self.active:
+            import json
+
+            with open(self.run_folder.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
