@@ -48,7 +48,7 @@ def losses(run_dir) -> dict[int, float]:
 
 
 def wait_state(job_id, predicate, timeout=JOB_TIMEOUT):
-    from rdhpc.launch.slurm import slurm_job_info
+    from rdhpc.launch.status import slurm_job_info
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -70,7 +70,7 @@ def shards(tmp_path_factory):
 def train_args(shards, run_dir, *overrides):
     args = ["configs/debug.yaml", "--cluster", "local", "--set", f"data.train_dir={shards / 'shards'}",
             "--set", "model.max_seq_len=64", "--set", f"logging.run_dir={run_dir}", "--set", "train.log_interval=10",
-            "--set", "train.val_interval=1000", "--set", "train.val_batches=1", "--set", "checkpoint.interval=10",
+            "--set", "eval.interval=1000", "--set", "eval.batches=1", "--set", "checkpoint.interval=10",
             "--set", "logging.tensorboard=false"]
     for o in overrides:
         args += ["--set", o]
@@ -184,7 +184,7 @@ def test_time_limit_stops_requeues_and_resumes_with_identical_losses(tmp_path, s
     finally:
         for pid, _ in ranks.values():
             signal_rank(pid, signal.SIGCONT)
-    from rdhpc.launch.slurm import wait_for_job
+    from rdhpc.launch.status import wait_for_job
 
     state = wait_for_job(job, timeout=JOB_TIMEOUT * 2)
     elapsed = time.monotonic() - started
@@ -234,7 +234,7 @@ def test_preemption_signal_and_outside_requeue_resume_with_identical_losses(tmp_
     resumed_at = json.loads((run_dir / "run_state.json").read_text())["step"]
     killed_at = wait_for_step(resumed_at + 6, 2)
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
-    from rdhpc.launch.slurm import wait_for_job
+    from rdhpc.launch.status import wait_for_job
 
     state = wait_for_job(job, timeout=JOB_TIMEOUT)
     story = job_story(run_dir, job)
@@ -442,7 +442,7 @@ def test_quoting_and_presets_refuse_what_cannot_pass():
     with pytest.raises(PresetError) as err:
         load_preset(str(bad))
     text = str(err.value)
-    assert "tasks_per_node: expected an integer" in text and "modules[0]" in text and "'A B'" in text
+    assert "tasks_per_node: expected int, got str 'eight'" in text and "modules[0]" in text and "'A B'" in text
     assert "gpu_vendr: unknown key (did you mean 'gpu_vendor'?)" in text
 
 
@@ -541,10 +541,27 @@ def test_plain_sbatch_template_trains_on_two_tasks(tmp_path, shards, slurm_clust
                           capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr
     job = done.stdout.strip().split(";")[0]
-    from rdhpc.launch.slurm import wait_for_job
+    from rdhpc.launch.status import wait_for_job
 
     state = wait_for_job(job, timeout=JOB_TIMEOUT)
     out = (tmp_path / f"plain-{job}.out").read_text()
     assert state == "COMPLETED", out[-3000:]
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]
     assert "2 rank(s) (cpu)" in out and "run completed at step 4: not requeued" in out
+
+
+def test_the_requeue_rule_is_one_function():
+    """rdhpc.launch.job.decide_requeue: the submitit task and the plain sbatch template both ask it."""
+    from rdhpc.launch.job import DONE, FAIL, LEAVE_TO_SLURM, REQUEUE, SegmentEnd, decide_requeue
+
+    def action(state, step=10, start=4, terminated=False, segment=1, max_segments=3):
+        return decide_requeue(SegmentEnd(state, step, start, terminated, "time budget"), segment, max_segments).action
+
+    assert action("completed") == DONE and action("failed") == DONE
+    assert action("stopped") == REQUEUE
+    assert action("stopped", step=4, start=4) == FAIL  # trained nothing: requeueing would loop
+    assert action("stopped", segment=3) == DONE  # slurm.max_segments reached
+    assert action("stopped", terminated=True) == LEAVE_TO_SLURM  # scancel, hard limit, preemption
+    assert action("stopped", start=None) == REQUEUE  # an older run_state without start_step
+    end = SegmentEnd.from_run_state({"state": "stopped", "step": 7, "start_step": 7, "reason": "signal SIGUSR2"})
+    assert "stopped before its first step (signal SIGUSR2)" in decide_requeue(end, 1, 5).reason

@@ -1,1 +1,3 @@
-"""Starting the trainer: N local ranks (local.py); Slurm through submitit comes with issue 4."""
+"""Starting ranks: N local processes (local.py); Slurm jobs through submitit: the plan, script and
+submission (slurm.py), what runs inside the job and the requeue rule (job.py), `rdhpc status`
+(status.py), cluster presets (presets.py), plain sbatch templates (templates.py)."""

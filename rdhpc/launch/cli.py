@@ -1,5 +1,5 @@
-"""The `rdhpc submit` and `rdhpc status` command lines. The commands live in rdhpc.launch.slurm,
-imported only when one of them runs: every other rdhpc command starts without it."""
+"""The `rdhpc submit` and `rdhpc status` command lines. The commands live in rdhpc.launch.slurm and
+rdhpc.launch.status, imported only when one of them runs: every other rdhpc command starts without them."""
 
 
 def _cmd_submit(args) -> int:
@@ -9,7 +9,7 @@ def _cmd_submit(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from rdhpc.launch.slurm import cmd_status
+    from rdhpc.launch.status import cmd_status
 
     return cmd_status(args)
 

@@ -12,7 +12,6 @@ rdhpc.launch.quoting (names of modules and variables, sbatch option values).
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
@@ -43,14 +42,14 @@ class StagingPreset:
     """Node-local folder it is unpacked into; ${NAME} is expanded in the job."""
     python: str = "venv/bin/python"
     """The Python inside `dest` after unpacking."""
-    sbatch: dict = field(default_factory=dict)
+    sbatch: dict[str, bool | int | str] = field(default_factory=dict)
     """Extra sbatch options staging needs (e.g. Frontier's constraint: nvme)."""
 
 
 @dataclass
 class ClusterPreset:
-    name: str
-    path: str
+    name: str = ""  # the file's stem, set by load_preset
+    path: str = ""  # the file, set by load_preset
     description: str = ""
     gpu_vendor: str = "none"
     """amd (ROCm/RCCL), nvidia (CUDA/NCCL) or none (CPU ranks, gloo)."""
@@ -62,17 +61,17 @@ class ClusterPreset:
     """Ranks per node: one per GPU, or CPU ranks."""
     gpus_per_node: int = 0
     cpus_per_task: int = 1
-    modules: list = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
     """`module load` each, in order, before anything else in the job."""
-    setup: list = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)
     """Shell lines of the preset's author run after the modules (e.g. activating an environment)."""
-    env: dict = field(default_factory=dict)
+    env: dict[str, str | int | float] = field(default_factory=dict)
     """Exported in the job; a ${NAME} in a value is expanded there, everything else is literal."""
     python: str | None = None
     """The Python that runs the ranks; None: the one running `rdhpc submit` (shared filesystem)."""
-    sbatch: dict = field(default_factory=dict)
+    sbatch: dict[str, bool | int | str] = field(default_factory=dict)
     """Extra sbatch options, e.g. {constraint: nvme, exclusive: true}."""
-    srun_args: list = field(default_factory=list)
+    srun_args: list[str] = field(default_factory=list)
     reduce_bucket_mb: int | None = None
     """Fixed-size gradient reduction (the paper's RCCL workaround): DeepSpeed's reduce and
     allgather bucket sizes in MB of float32; None leaves the run config's."""
@@ -129,7 +128,10 @@ def find_preset(name: str) -> Path:
 
 
 def load_preset(name: str) -> ClusterPreset:
-    """Read and check a preset; every problem is reported at once, naming the file and key."""
+    """Read and check a preset through the run config's own machinery (rdhpc.config.loader): every
+    problem is reported at once, naming the file and key."""
+    from rdhpc.config.loader import build_section
+
     path = find_preset(name)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -137,24 +139,16 @@ def load_preset(name: str) -> ClusterPreset:
         raise PresetError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise PresetError(f"{path}: the top level must be a mapping of keys")
-    problems: list[str] = []
-    known = {f.name for f in dataclasses.fields(ClusterPreset)} - {"name", "path"}
-    for key in raw:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            problems.append(f"{key}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    values = {k: v for k, v in raw.items() if k in known}
-    staging_raw = values.pop("staging", None) or {}
-    staging_known = {f.name for f in dataclasses.fields(StagingPreset)}
-    if not isinstance(staging_raw, dict):
-        problems.append("staging: must be a mapping")
-        staging_raw = {}
-    for key in staging_raw:
-        if key not in staging_known:
-            problems.append(f"staging.{key}: unknown key")
-    staging = StagingPreset(**{k: v for k, v in staging_raw.items() if k in staging_known})
-    preset = ClusterPreset(name=path.stem, path=str(path), staging=staging, **values)
-    problems += _problems(preset)
+    problems = [f"{key}: set by rdhpc (the file's stem and path), not by the preset" for key in ("name", "path")
+                if key in raw]
+    raw = {k: v for k, v in raw.items() if k not in ("name", "path")}
+    if raw.get("staging") is None:
+        raw.pop("staging", None)
+    preset = build_section(ClusterPreset, raw, "", problems)
+    preset.name, preset.path = path.stem, str(path)
+    # fields with a type error kept their defaults: the value checks see the rest (as the run config's)
+    already_reported = {p.split(":")[0].split("[")[0] for p in problems}
+    problems += [p for p in _problems(preset) if p.split(":")[0] not in already_reported]
     if problems:
         raise PresetError(f"{len(problems)} problem(s) in cluster preset {path}:\n"
                           + "\n".join(f"  - {p}" for p in problems))
@@ -163,56 +157,35 @@ def load_preset(name: str) -> ClusterPreset:
 
 
 def _problems(p: ClusterPreset) -> list[str]:
+    """What the types alone do not say: values that cannot reach a script safely, ranges, choices."""
     out = []
-
-    def typed(name, value, types, what):
-        types = types if isinstance(types, tuple) else (types,)
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            out.append(f"{name}: expected {what}, got {type(value).__name__} {value!r}")
-            return False
-        return True
-
     if p.gpu_vendor not in GPU_VENDORS:
         out.append(f"gpu_vendor: unknown value {p.gpu_vendor!r}; choose one of {list(GPU_VENDORS)}")
-    if p.signal_margin_s is not None and typed("signal_margin_s", p.signal_margin_s, int, "an integer") \
-            and p.signal_margin_s < 1:
+    if p.signal_margin_s is not None and p.signal_margin_s < 1:
         out.append(f"signal_margin_s: must be >= 1, got {p.signal_margin_s}")
     for name in ("tasks_per_node", "cpus_per_task", "stop_margin_s"):
-        if typed(name, getattr(p, name), int, "an integer") and getattr(p, name) < 1:
+        if getattr(p, name) < 1:
             out.append(f"{name}: must be >= 1, got {getattr(p, name)}")
-    if typed("gpus_per_node", p.gpus_per_node, int, "an integer") and p.gpus_per_node < 0:
+    if p.gpus_per_node < 0:
         out.append(f"gpus_per_node: must be >= 0, got {p.gpus_per_node}")
-    if p.gpu_vendor == "none" and isinstance(p.gpus_per_node, int) and p.gpus_per_node:
+    if p.gpu_vendor == "none" and p.gpus_per_node:
         out.append("gpus_per_node: a preset with gpu_vendor none cannot ask for GPUs")
-    if p.reduce_bucket_mb is not None and typed("reduce_bucket_mb", p.reduce_bucket_mb, int, "an integer (MB)") \
-            and p.reduce_bucket_mb < 1:
+    if p.reduce_bucket_mb is not None and p.reduce_bucket_mb < 1:
         out.append(f"reduce_bucket_mb: must be >= 1, got {p.reduce_bucket_mb}")
-    typed("account_required", p.account_required, bool, "true or false")
     for name in ("account", "partition", "qos"):
         value = getattr(p, name)
         if value is not None:
             out += [f"{name}: {m}" for m in check_sbatch_value(value)]
-    if typed("modules", p.modules, list, "a list of module names"):
-        for i, module in enumerate(p.modules):
-            out += [f"modules[{i}]: {m}" for m in check_shell_word(str(module), "a module name")]
-    if typed("setup", p.setup, list, "a list of shell lines"):
-        out += [f"setup[{i}]: must be a string" for i, line in enumerate(p.setup) if not isinstance(line, str)]
-    if typed("env", p.env, dict, "a mapping NAME: value"):
-        for key, value in p.env.items():
-            out += [f"env.{key}: {m}" for m in check_env_name(str(key))]
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                out.append(f"env.{key}: expected a string, got {type(value).__name__} {value!r} (quote it in YAML)")
-            elif "\0" in str(value):
-                out.append(f"env.{key}: contains a NUL byte")
-    if typed("sbatch", p.sbatch, dict, "a mapping of sbatch options"):
-        for key, value in {**p.sbatch, **(p.staging.sbatch or {})}.items():
-            out += [f"sbatch.{key}: {m}" for m in check_shell_word(str(key), "an option name")]
-            if value is not True:
-                out += [f"sbatch.{key}: {m}" for m in check_sbatch_value(str(value))]
-    if typed("srun_args", p.srun_args, list, "a list of arguments"):
-        out += [f"srun_args[{i}]: must be a string" for i, a in enumerate(p.srun_args) if not isinstance(a, str)]
-    if p.python is not None:
-        typed("python", p.python, str, "a command")
+    for i, module in enumerate(p.modules):
+        out += [f"modules[{i}]: {m}" for m in check_shell_word(module, "a module name")]
+    for key, value in p.env.items():
+        out += [f"env.{key}: {m}" for m in check_env_name(key)]
+        if "\0" in str(value):
+            out.append(f"env.{key}: contains a NUL byte")
+    for key, value in {**p.sbatch, **p.staging.sbatch}.items():
+        out += [f"sbatch.{key}: {m}" for m in check_shell_word(key, "an option name")]
+        if value is not True:
+            out += [f"sbatch.{key}: {m}" for m in check_sbatch_value(str(value))]
     if p.staging.enabled and not p.staging.archive:
         out.append("staging.archive: staging is enabled but no archive is named")
     return out

@@ -1,16 +1,15 @@
-"""`rdhpc submit` / `rdhpc status`: training (or a prep stage) as a Slurm job through submitit.
+"""`rdhpc submit`: training (or a prep stage) as a Slurm job through submitit: the plan, the script, the
+submission. What runs inside the job is rdhpc.launch.job; `rdhpc status` is rdhpc.launch.status.
 
     rdhpc submit configs/huginn-3.5b-frontier.yaml --cluster frontier --nodes 512 --account ABC123
     rdhpc submit configs/debug.yaml --cluster local --set data.train_dir=shards/ --wait    # here
     rdhpc submit --cluster local --tasks-per-node 2 --prep shards --input docs/ --tokenizer tok.json ...
     rdhpc submit ... --dry-run          # the exact sbatch script and environment, nothing submitted
-    rdhpc status 1234                   # state, segments, last step and loss, logs, the failing rank's error
 
 One code path for every cluster: a preset (slurm/clusters/*.yaml, rdhpc.launch.presets) fixes the
 layout (tasks, GPUs, cores per node), the modules and the environment; submitit writes the sbatch
 script (the dry run prints the very text it would submit) and starts one Python process per task
-with `srun`; each process finds its rank from Slurm's variables and the rendezvous from the first
-node of the allocation (rdhpc.distributed.ranks), never from an address it happens to see.
+with `srun`.
 
 Segments, preemption and time limits (the paper ran 21 segments of up to 12 h):
 
@@ -18,17 +17,15 @@ Segments, preemption and time limits (the paper ran 21 segments of up to 12 h):
   SIGUSR2 `stop_margin_s` before the limit (`--signal=USR2@margin`, what submitit does). Whichever
   comes first, the trainer's own handler (it replaces submitit's once set-up runs) makes every rank
   save a checkpoint at the next step boundary, and train() returns `completed=False`.
-- The task then requeues its own job (`scontrol requeue`, rank 0 only) and exits without a result,
-  so submitit's `job.result()` keeps waiting across segments. The requeued job
-  keeps its id, reruns the same pickled task, and the trainer resumes from the latest complete
-  checkpoint (checkpoint.resume = auto). SLURM_RESTART_COUNT bounds the chain (slurm.max_segments).
+- The task then decides whether to requeue its own job (rdhpc.launch.job.decide_requeue, rank 0
+  acts) and exits without a result, so submitit's `job.result()` keeps waiting across segments. The
+  requeued job keeps its id, reruns the same pickled task, and the trainer resumes from the latest
+  complete checkpoint (checkpoint.resume = auto). SLURM_RESTART_COUNT bounds the chain
+  (slurm.max_segments).
 - A signal during start-up, before the trainer took over, reaches submitit's handler, which calls
   the task's `checkpoint()` and requeues: nothing was trained since the last checkpoint, so an
   immediate requeue loses nothing. A preemption that kills without warning, or `scontrol requeue`
   from outside, loses only the steps after the last periodic checkpoint.
-- SIGTERM (scancel, the hard time limit, a preemption with a grace time) also makes the ranks
-  save, but the task does not requeue: Slurm is ending the job and requeues it by its own rules.
-  The ranks agree on it with the stop itself, so a rank whose own signal comes late knows too.
 - srun runs with --kill-on-bad-exit: one failing rank ends the job (FAILED, its error in its
   result and log) instead of leaving its peers waiting in a collective.
 """
@@ -39,7 +36,6 @@ import json
 import math
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -47,15 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rdhpc.errors import UserError
+# TrainTask and CommandTask are imported here too: jobs pickled by an earlier rdhpc name them here.
+from rdhpc.launch.job import CommandTask, TrainTask  # noqa: F401
 from rdhpc.launch.presets import ClusterPreset, load_preset
 from rdhpc.launch.quoting import (check_env_value, check_job_name, check_sbatch_path, check_sbatch_value,
                                   export_line, quote_env_value, shell_quote)
+from rdhpc.launch.status import JOB_RECORD, format_status, job_status, jobs_dir, wait_for_job
+from rdhpc.run_folder import STOP_AT_VARIABLE, RunFolder
 
-# Slurm job states after which nothing more happens to the job.
-TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED")
-JOB_RECORD = "rdhpc_job.json"
-RUN_JOBS = "slurm_jobs.jsonl"
 CONFIG_SNAPSHOT = "rdhpc_config.yaml"
 PREP_STAGES = ("shards", "tokenizer", "verify")
 
@@ -100,7 +95,7 @@ class JobPlan:
 
     @property
     def tensorboard_dir(self) -> Path | None:
-        return self.run_dir / "tensorboard" if self.run_dir else None
+        return RunFolder(self.run_dir).tensorboard if self.run_dir else None
 
 
 def plan_job(preset_name: str, slurm, kind: str, run_dir: Path | None, folder: Path | None,
@@ -125,7 +120,7 @@ def plan_job(preset_name: str, slurm, kind: str, run_dir: Path | None, folder: P
     if margin >= time_s:
         problems.append(f"slurm.stop_margin_s: {margin} s is not shorter than slurm.time = {slurm.time} "
                         f"({time_s} s): the job would stop before it starts")
-    folder = Path(folder or (run_dir / "slurm" if run_dir else Path("runs") / "slurm")).absolute()
+    folder = Path(folder or (RunFolder(run_dir).slurm if run_dir else Path("runs") / "slurm")).absolute()
     problems += [f"slurm.folder: {m}" for m in check_sbatch_path(str(folder))]
 
     env = dict(preset.env)
@@ -174,7 +169,7 @@ def setup_lines(plan: JobPlan) -> list[str]:
     lines += [export_line(name, value) for name, value in plan.env.items()]
     lines.append("# checkpoint and stop before the time limit (the same margin as Slurm's USR2 warning)")
     # Slurm keeps time limits in whole minutes: the limit the job really has
-    lines.append(f"export RDHPC_STOP_AT=$(( $(date +%s) + {plan.time_minutes * 60} - {plan.stop_margin_s} ))")
+    lines.append(f"export {STOP_AT_VARIABLE}=$(( $(date +%s) + {plan.time_minutes * 60} - {plan.stop_margin_s} ))")
     if plan.staging:
         s = p.staging
         dest = quote_env_value(s.dest)
@@ -238,7 +233,7 @@ def dry_run_text(plan: JobPlan) -> str:
     out += ["", "# environment of every rank: the submitting shell's (sbatch --export=ALL), without",
             "#   " + " ".join(STALE_RANK_VARIABLES), "# and with:"]
     out += [f"#   {name}={value if value.isprintable() else repr(value)}" for name, value in plan.env.items()]
-    out += ["#   RDHPC_STOP_AT=<job start + %d s - %d s>" % (plan.time_minutes * 60, plan.stop_margin_s),
+    out += [f"#   {STOP_AT_VARIABLE}=<job start + {plan.time_minutes * 60} s - {plan.stop_margin_s} s>",
             "#   per rank, set in Python: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE from SLURM_PROCID, "
             "SLURM_STEP_NUM_TASKS, SLURM_LOCALID; MASTER_ADDR = first node of SLURM_JOB_NODELIST, "
             "MASTER_PORT = 15000 + job id % 15000"]
@@ -251,110 +246,7 @@ def dry_run_text(plan: JobPlan) -> str:
     return "\n".join(out) + "\n"
 
 
-# ---- what runs in the job ---------------------------------------------------------------------
-def _job_log(*args, **kwargs):
-    kwargs.setdefault("flush", True)
-    print(*args, **kwargs)
-
-
-def _prepare_rank(max_segments: int):
-    from rdhpc.distributed.ranks import discover_ranks, export_process_group_env
-
-    ranks = discover_ranks()
-    values = export_process_group_env(ranks)
-    segment = int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1
-    if ranks.is_main:
-        _job_log(f"[slurm] job {os.environ.get('SLURM_JOB_ID')} segment {segment}/{max_segments}: "
-                 f"{ranks.world_size} rank(s) ({ranks.launcher}), rendezvous {values['MASTER_ADDR']}:"
-                 f"{values['MASTER_PORT']}, this rank on {socket.gethostname()}")
-    fault = os.environ.get("RDHPC_FAULT_FAIL_RANK")  # drills and tests: this rank fails at start
-    if fault and int(fault) == ranks.rank:
-        raise RuntimeError(f"rank {ranks.rank}: failing on purpose (RDHPC_FAULT_FAIL_RANK={fault})")
-    return ranks, segment
-
-
-def _end_segment(ranks, reason: str, requeue: bool = True):
-    """Rank 0 requeues the job (unless Slurm is ending it itself); then every rank exits without a
-    result, so the submitter (submitit's job.result(), `rdhpc submit --wait`) keeps waiting for the
-    next segment. `scontrol requeue` returns once slurmctld has taken the job back, so the job
-    cannot end as COMPLETED meanwhile; the other ranks' early exit (status 0) does not end the step
-    while rank 0 runs. A refused requeue is an error of rank 0: the job ends FAILED with the reason."""
-    job_id = os.environ["SLURM_JOB_ID"]
-    if ranks.is_main and not requeue:
-        _job_log(f"[slurm] stopped ({reason}): Slurm is ending job {job_id} itself (scancel, time limit, or a "
-                 f"preemption it requeues by its own rules); checkpoint saved, no requeue from here")
-    elif ranks.is_main:
-        _job_log(f"[slurm] stopped ({reason}): requeueing job {job_id} for the next segment")
-        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"scontrol requeue {job_id} failed: {done.stderr.strip() or done.stdout.strip()}")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    raise SystemExit(0)  # not an Exception: submitit writes no result for this segment
-
-
-class TrainTask:
-    """The callable submitit pickles: one training segment per call, on every task."""
-
-    def __init__(self, config_path: str, max_segments: int):
-        self.config_path = str(config_path)
-        self.max_segments = max_segments
-
-    def __call__(self) -> dict:
-        from rdhpc.config import load_config
-        from rdhpc.train.trainer import train
-
-        ranks, segment = _prepare_rank(self.max_segments)
-        run = load_config(self.config_path)
-        result = train(run, ranks, log=_job_log)
-        summary = {"rank": ranks.rank, "segment": segment, "step": result.step, "completed": result.completed,
-                   "stop_reason": result.stop_reason, "last_loss": result.losses[-1] if result.losses else None}
-        if result.completed:
-            return summary
-        if not result.losses:
-            # Requeueing a segment that trained nothing would loop until max_segments: the time
-            # budget is shorter than start-up, or a stop request arrives at every start.
-            raise RuntimeError(f"rank {ranks.rank}: segment {segment} stopped before its first step "
-                               f"({result.stop_reason}); not requeued: is slurm.time shorter than start-up "
-                               f"plus slurm.stop_margin_s?")
-        if segment >= self.max_segments:
-            if ranks.is_main:
-                _job_log(f"[slurm] stopped at step {result.step} after {segment} segment(s): slurm.max_segments "
-                         f"= {self.max_segments} reached, not requeued")
-            return summary
-        # SIGTERM (to any rank) comes from Slurm itself ending the job: a requeue would fight a scancel
-        _end_segment(ranks, result.stop_reason or "stop requested", requeue=not result.terminated)
-
-    def checkpoint(self, *args, **kwargs):
-        """submitit's preemption/timeout path (a signal before the trainer took over): requeue the
-        same task; it resumes from the latest complete checkpoint."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(TrainTask(self.config_path, self.max_segments))
-
-
-class CommandTask:
-    """A prep stage on every task: `rdhpc prep STAGE ARGS...`; the stage splits its work by rank."""
-
-    def __init__(self, argv: list[str]):
-        self.argv = list(argv)
-
-    def __call__(self) -> int:
-        from rdhpc.cli import build_parser
-
-        ranks, _ = _prepare_rank(1)
-        args = build_parser().parse_args(self.argv)
-        status = args.func(args)  # exceptions propagate: submitit records them as this task's error
-        if status:
-            raise RuntimeError(f"rank {ranks.rank}: rdhpc {' '.join(self.argv)} exited with status {status}")
-        return status or 0
-
-
 # ---- submission -------------------------------------------------------------------------------
-def jobs_dir() -> Path:
-    return Path(os.environ.get("RDHPC_JOBS_DIR") or Path.home() / ".rdhpc" / "jobs")
-
-
 def submit(plan: JobPlan) -> dict:
     """Submit through submitit; return the job record (id, logs, TensorBoard folder) that
     `rdhpc status` reads back."""
@@ -391,161 +283,9 @@ def submit(plan: JobPlan) -> dict:
     (jobs_dir() / f"{job.job_id}.json").write_text(json.dumps(record, indent=1))
     if plan.run_dir:
         plan.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(plan.run_dir / RUN_JOBS, "a") as f:
+        with open(RunFolder(plan.run_dir).slurm_jobs, "a") as f:
             f.write(json.dumps(record) + "\n")
     return record
-
-
-# ---- status -----------------------------------------------------------------------------------
-def _parse_scontrol(line: str) -> dict:
-    record, key = {}, None
-    for token in line.split(" "):
-        name, sep, value = token.partition("=")
-        if sep and name and name[0].isupper():
-            key = name
-            record[key] = value
-        elif key is not None:
-            record[key] += " " + token
-    return record
-
-
-def slurm_job_info(job_id: str, timeout: float = 30) -> dict | None:
-    """Slurm's view of a job: scontrol (live jobs and recently finished ones), else sacct."""
-    try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                             timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired):
-        out = None
-    if out is not None and out.returncode == 0 and out.stdout.strip():
-        info = _parse_scontrol(out.stdout.strip().splitlines()[0])
-        return {"state": info.get("JobState", "UNKNOWN"), "reason": info.get("Reason"),
-                "exit_code": info.get("ExitCode"), "restarts": int(info.get("Restarts") or 0),
-                "nodes": info.get("NodeList"), "run_time": info.get("RunTime"), "source": "scontrol"}
-    try:
-        out = subprocess.run(["sacct", "-j", str(job_id), "-X", "-P", "-n", "-o", "JobID,State,ExitCode,NodeList"],
-                             capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    for line in out.stdout.splitlines():
-        fields = line.split("|")
-        if len(fields) >= 4 and fields[0] == str(job_id):
-            return {"state": fields[1].split()[0], "exit_code": fields[2], "nodes": fields[3], "restarts": None,
-                    "source": "sacct"}
-    return None
-
-
-def load_record(target: str) -> dict:
-    """A job record from a job id (the registry in RDHPC_JOBS_DIR / ~/.rdhpc/jobs), a run folder
-    (its latest submission) or a submitit folder."""
-    path = Path(target)
-    if path.is_dir():
-        if (path / RUN_JOBS).is_file():
-            lines = (path / RUN_JOBS).read_text().splitlines()
-            if lines:
-                return json.loads(lines[-1])
-        records = sorted(path.glob(f"*_{JOB_RECORD}"), key=lambda p: p.stat().st_mtime)
-        if records:
-            return json.loads(records[-1].read_text())
-        raise SubmitError(f"{path}: no rdhpc job was submitted from this folder ({RUN_JOBS} or *_{JOB_RECORD} missing)")
-    if not target.replace("_", "").isdigit():
-        raise SubmitError(f"{target!r} is neither a job id nor a folder")
-    registry = jobs_dir() / f"{target}.json"
-    if registry.is_file():
-        return json.loads(registry.read_text())
-    return {"job_id": target, "folder": None, "logs": [], "errors": [], "run_dir": None, "tensorboard": None}
-
-
-def _task_errors(record: dict) -> list[tuple[int, str]]:
-    """(task, error text) of every task that recorded an error: its submitit result, else the
-    end of its stderr log when that holds a traceback."""
-    import pickle
-
-    out = []
-    folder = Path(record["folder"]) if record.get("folder") else None
-    for task in range(record.get("num_tasks") or 0):
-        text = None
-        if folder is not None:
-            result = folder / f"{record['job_id']}_{task}_result.pkl"
-            if result.is_file():
-                try:
-                    outcome, payload = pickle.loads(result.read_bytes())
-                    if outcome == "error":
-                        text = str(payload)
-                except Exception:  # a result pickle we cannot read says nothing more
-                    pass
-        if text is None and task < len(record.get("errors", [])):
-            err = Path(record["errors"][task])
-            if err.is_file():
-                content = err.read_text(errors="replace")
-                if "Traceback" in content:
-                    text = content[content.rfind("Traceback"):]
-        if text:
-            lines = [line for line in text.strip().splitlines() if line.strip()]
-            out.append((task, "\n".join(lines[-6:])))
-    return out
-
-
-def job_status(target: str) -> dict:
-    record = load_record(target)
-    info = slurm_job_info(record["job_id"]) or {"state": "UNKNOWN"}
-    status = {"job_id": record["job_id"], "state": info["state"], "slurm": info, "record": record}
-    run_dir = Path(record["run_dir"]) if record.get("run_dir") else None
-    if run_dir is not None:
-        state_file = run_dir / "run_state.json"
-        if state_file.is_file():
-            status["run_state"] = json.loads(state_file.read_text())
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file():
-            lines = metrics.read_text().splitlines()
-            if lines:
-                last = json.loads(lines[-1])
-                status["last_step"], status["last_loss"] = last.get("step"), last.get("loss")
-    if info["state"] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING"):
-        status["errors"] = _task_errors(record)
-    return status
-
-
-def format_status(status: dict) -> str:
-    record, info = status["record"], status["slurm"]
-    restarts = info.get("restarts")
-    segments = f", segment {restarts + 1}" if restarts is not None else ""
-    lines = [f"job {status['job_id']}: {status['state']}{segments}"
-             + (f" (reason {info['reason']})" if info.get("reason") not in (None, "None") else "")
-             + (f", exit code {info['exit_code']}" if info.get("exit_code") not in (None, "0:0") else "")]
-    if record.get("cluster"):
-        lines.append(f"  cluster {record['cluster']}, {record.get('num_tasks')} task(s), nodes {info.get('nodes') or '-'}")
-    if "run_state" in status:
-        rs = status["run_state"]
-        lines.append(f"  run: {rs.get('state')} at step {rs.get('step')}"
-                     + (f" ({rs['reason']})" if rs.get("reason") else ""))
-        if rs.get("error"):
-            lines.append(f"  run error: {rs['error'].splitlines()[0]}")
-    if status.get("last_step") is not None:
-        lines.append(f"  last step {status['last_step']}, loss {status['last_loss']:.4f}")
-    for task, text in status.get("errors", []):
-        lines.append(f"  error of task {task} (rank {task}): {text.splitlines()[-1]}")
-        lines += [f"    {line}" for line in text.splitlines()[:-1]]
-    if record.get("logs"):
-        lines.append(f"  logs: {record['logs'][0]}" + (f" (and {len(record['logs']) - 1} more)" if len(record['logs']) > 1 else ""))
-        lines.append(f"  errors: {record['errors'][0]}")
-    if record.get("run_dir"):
-        lines.append(f"  run folder: {record['run_dir']}")
-    if record.get("tensorboard"):
-        lines.append(f"  tensorboard: {record['tensorboard']}")
-    return "\n".join(lines)
-
-
-def wait_for_job(job_id: str, timeout: float, poll_s: float = 2.0) -> str:
-    """Poll until the job reaches a terminal state; raise TimeoutError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        info = slurm_job_info(job_id)
-        state = (info or {}).get("state", "UNKNOWN")
-        if state in TERMINAL_STATES:
-            return state
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s")
-        time.sleep(poll_s)
 
 
 # ---- the commands -----------------------------------------------------------------------------
@@ -589,8 +329,8 @@ def cmd_submit(args) -> int:
         # preset-implied config (e.g. fixed gradient buckets) first, then the file's --set, then the CLI's
         overrides = preset.config_overrides() + args.overrides + slurm_args
         run = load_config(args.config, overrides)
-        if run.data.train_dir is None:
-            raise ConfigError(["data.train_dir: required for training (a folder made by `rdhpc prep shards`)"])
+        if run.training_problems():
+            raise ConfigError(run.training_problems(), args.config)
         run_dir = Path(run.logging.run_dir)
         plan = plan_job(run.slurm.cluster, run.slurm, "train", run_dir, args.log_dir or run.slurm.folder)
         # one snapshot per submission: a pending or requeued job keeps its own config even when the
@@ -619,14 +359,3 @@ def cmd_submit(args) -> int:
     print(format_status(status))
     run_ok = plan.kind == "prep" or status.get("run_state", {}).get("state") == "completed"
     return 0 if state == "COMPLETED" and run_ok else 1
-
-
-def cmd_status(args) -> int:
-    status = job_status(args.job)
-    if args.json:
-        print(json.dumps({k: v for k, v in status.items()}, indent=1, default=str))
-    else:
-        print(format_status(status))
-    return 0
-
-

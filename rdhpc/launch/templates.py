@@ -12,14 +12,12 @@ job - stop margin) and Slurm's USR2 warning; afterwards `python -m rdhpc.launch.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 from rdhpc.launch.presets import REPO_CLUSTERS, load_preset
 from rdhpc.launch.quoting import export_line
+from rdhpc.run_folder import STOP_AT_VARIABLE
 
 TEMPLATES = REPO_CLUSTERS.parent / "templates"
 PRESETS = ("frontier", "nvidia", "local")
@@ -64,6 +62,11 @@ def render_template(name: str) -> str:
     env = dict(p.env)
     env.setdefault("OMP_NUM_THREADS", str(p.cpus_per_task))
     lines += [export_line(k, v) for k, v in env.items()]
+    # the preset's run config goes before the user's --set, which may override it
+    preset_sets = " ".join(f"--set {o}" for o in p.config_overrides())
+    train_args = f'"$1" {preset_sets} "${{@:2}}"' if preset_sets else '"$@"'
+    preset_note = [f"# the preset's run config (before the user's --set): {p.name}'s fixed gradient buckets"] \
+        if preset_sets else []
     lines += [
         "",
         "# the rendezvous: the first node of the allocation, a port from the job id",
@@ -72,13 +75,10 @@ def render_template(name: str) -> str:
         "# the time budget: checkpoint and stop before the limit (Slurm's USR2 warning does the same)",
         'end_s=${SLURM_JOB_END_TIME:-$(date -d "$(scontrol show job "$SLURM_JOB_ID" | '
         "grep -o 'EndTime=[^ ]*' | cut -d= -f2)\" +%s)}",
-        f"export RDHPC_STOP_AT=$(( end_s - {margin} ))",
+        f"export {STOP_AT_VARIABLE}=$(( end_s - {margin} ))",
         "",
-        *(["# the preset's run config (before the user's --set): " + p.name + "'s fixed gradient buckets"]
-          if p.config_overrides() else []),
-        'srun --kill-on-bad-exit=1 "$RDHPC_PYTHON" -u -m rdhpc.cli train '
-        + ('"$1" ' + " ".join(f"--set {o}" for o in p.config_overrides()) + ' "${@:2}"' if p.config_overrides()
-           else '"$@"'),
+        *preset_note,
+        f'srun --kill-on-bad-exit=1 "$RDHPC_PYTHON" -u -m rdhpc.cli train {train_args}',
         'status=$?',
         '[ "$status" -eq 0 ] || exit "$status"',
         '"$RDHPC_PYTHON" -m rdhpc.launch.templates --after-segment "$@"',
@@ -88,29 +88,29 @@ def render_template(name: str) -> str:
 
 
 def after_segment(argv: list[str]) -> int:
-    """In the batch script, after `srun rdhpc train`: requeue when the run stopped early."""
+    """In the batch script, after `srun rdhpc train`: requeue when the run stopped early, by the same
+    rule as the submitit task (rdhpc.launch.job.decide_requeue), read from the run folder."""
     import argparse
 
     from rdhpc.config import load_config
+    from rdhpc.launch.job import FAIL, SegmentEnd, current_segment, decide_requeue, requeue_job
+    from rdhpc.run_folder import RunFolder
 
     parser = argparse.ArgumentParser(prog="rdhpc.launch.templates --after-segment")
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args, _ = parser.parse_known_args([a for a in argv])
+    args, _ = parser.parse_known_args(argv)
     overrides = [o.split("=", 1)[1] if o.startswith("--set=") else o for o in args.overrides]
     run = load_config(args.config, overrides)
-    state_file = Path(run.logging.run_dir) / "run_state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    segment = int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1
-    if state.get("state") != "stopped":
-        print(f"[slurm] run {state.get('state', 'unknown')} at step {state.get('step')}: not requeued", flush=True)
-        return 0
-    if segment >= run.slurm.max_segments:
-        print(f"[slurm] stopped after {segment} segment(s): slurm.max_segments reached, not requeued", flush=True)
-        return 0
+    end = SegmentEnd.from_run_state(RunFolder(run.logging.run_dir).read_run_state())
+    decision = decide_requeue(end, current_segment(), run.slurm.max_segments)
     job = os.environ["SLURM_JOB_ID"]
-    print(f"[slurm] stopped at step {state.get('step')} ({state.get('reason')}): requeueing job {job}", flush=True)
-    return subprocess.run(["scontrol", "requeue", job], timeout=120).returncode
+    if not decision.requeue:
+        print(f"[slurm] {decision.reason}", flush=True)
+        return 1 if decision.action == FAIL else 0
+    print(f"[slurm] {decision.reason}: requeueing job {job}", flush=True)
+    requeue_job(job)
+    return 0
 
 
 def main(argv=None) -> int:
