@@ -95,8 +95,8 @@ def output_fingerprint(settings: ShardSettings, sources, tokenizer: TextTokenize
         "seed": settings.seed,
         "text_field": settings.text_field,
         "rows_per_shard": settings.rows_per_shard,
-        # how documents are named inside a file, which seeds their keys (session 3: line byte
-        # offsets; before: line numbers); shards of one scheme never mix with the other's
+        # how documents are named inside a file, which seeds their keys (line byte offsets; an
+        # earlier scheme used line numbers): shards of one scheme never mix with the other's
         "record_ids": "jsonl-byte-offset",
     }
 

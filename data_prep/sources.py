@@ -194,7 +194,8 @@ class ReadResult:
 
 def _check_text(text, path, line, text_field, result: ReadResult, offset: int | None = None) -> bool:
     if not isinstance(text, str):
-        reason = f"field {text_field!r} missing" if text is None else f"field {text_field!r} is {type(text).__name__}, not text"
+        reason = (f"field {text_field!r} missing" if text is None
+                  else f"field {text_field!r} is {type(text).__name__}, not text")
         result.problems.append(Problem(path, line, reason, offset))
         return False
     try:
@@ -287,7 +288,8 @@ def iter_piece(piece: Piece, text_field: str = "text", batch_bytes: int = 4 << 2
 
         parquet = pq.ParquetFile(piece.file)
         if text_field not in parquet.schema_arrow.names:
-            result.problems.append(Problem(piece.file, 0, f"no column {text_field!r} (columns: {parquet.schema_arrow.names})"))
+            columns = parquet.schema_arrow.names
+            result.problems.append(Problem(piece.file, 0, f"no column {text_field!r} (columns: {columns})"))
             yield result
             return
         first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(piece.start))

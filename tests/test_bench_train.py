@@ -93,5 +93,5 @@ def test_device_script_rehearses_on_the_cpu(tmp_path):
     assert list(main["paths"]) == ["plain-eager", "fast"] and main["precision"] == "bf16"
     assert list(json.loads((tmp_path / "parts.json").read_text())["paths"]) == ["plain-core", "uncompiled"]
     assert json.loads((tmp_path / "attention.json").read_text())["backends"]["math"]["available"]
-    assert "issue 7 reference" in (tmp_path / "summary.txt").read_text()
+    assert "reference (the paper's released code, one H200)" in (tmp_path / "summary.txt").read_text()
     assert len(list(tmp_path.iterdir())) <= 8

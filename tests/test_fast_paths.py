@@ -1,4 +1,4 @@
-"""The speed and memory switches of issue 7, each against the plain path it replaces (NOTES.md,
+"""The speed and memory switches of the trainer, each against the plain path it replaces (NOTES.md,
 "Training throughput"): same losses and gradients within float rounding."""
 
 from pathlib import Path

@@ -4,7 +4,7 @@ same model on the same batches, in one process, at a fixed depth.
     python tools/bench_train.py --shape debug --steps 6 --warmup 2               # CPU, fp32, seconds
     python tools/bench_train.py --shape huginn-3.5b --seq-len 4096 --micro-batch 1 --depth 24,8 \\
         --plain eager --plain core --engine 'fast: train.compile=core model.loss_chunk_size=1024' \\
-        --json out.json                                                          # one H200 (issue 7)
+        --json out.json                                                          # one H200
 
 Paths (each from the same initial weights, the same batches and the same initial-state noise per
 step, so their losses must agree: exactly in fp32, within bf16 noise in bf16):
@@ -17,7 +17,7 @@ step, so their losses must agree: exactly in fp32, within bf16 noise in bf16):
 
 Each path: median of --steps warm steps (CUDA events on a GPU, perf_counter on the CPU), tokens/s,
 model TFLOP/s (rdhpc.train.metrics.flops_per_token of the fixed depth; `*_causal`: attention counted
-for its causal half, as issue 7's figures are), MFU against the device's peak
+for its causal half, as the reference figures are), MFU against the device's peak
 (rdhpc.train.metrics.peak_tflops), peak memory (torch.cuda.max_memory_allocated; on the CPU
 only the process's peak resident memory, for all paths together), the loss of every step. The
 model shape, optimizer and switches come from --config / --shape / --set (`--set` applies to every
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
 
     tokens_per_step = args.micro_batch * seq_len
     flops_token = flops_per_token(run.model, seq_len, *depth)
-    flops_token_causal = flops_per_token(run.model, seq_len, *depth, causal=True)  # issue 7's convention
+    flops_token_causal = flops_per_token(run.model, seq_len, *depth, causal=True)  # the reference's convention
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     peak, peak_source = peak_tflops(device, dtype, run.train.peak_tflops_per_device)
     gemm = None

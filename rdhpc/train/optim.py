@@ -75,7 +75,7 @@ class AdamAtan2(torch.optim.Optimizer):
     other ranks hold the rest of some of them). `set_flat_layout` says where each tensor lies, and
     the rms is then taken per TENSOR across all ranks (one all-reduce of a vector of per-tensor
     sums per group and step), as without ZeRO; without a layout a flat partition would be clipped
-    as one tensor (found in session 3: ZeRO 1 and 2 clipped per group and rank).
+    as one tensor (ZeRO 1 and 2 would then clip per group and rank).
     """
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0, update_clip: float = 1.0):
