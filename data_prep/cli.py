@@ -36,6 +36,9 @@ def add_prep_parser(sub) -> None:
     p.add_argument("--rows-per-shard", type=int, default=8192)
     p.add_argument("--piece-bytes", type=_size, default=64 << 20, help="input bytes per task (parallelism only)")
     p.add_argument("--strict", action="store_true", help="fail on the first malformed record instead of skipping")
+    p.add_argument("--keep-all", nargs="+", default=[], action="extend", metavar="NAME",
+                   help="drop packing keeps every token of these sources (chunked whole, the released code's "
+                        "precious sources)")
     p.set_defaults(func=_shards)
 
     p = stages.add_parser("verify", help="check shards against their manifest (schema, counts, checksums)")
@@ -67,6 +70,6 @@ def _shards(args) -> int:
     settings = ShardSettings(inputs=args.input, weights=args.weight, tokenizer=args.tokenizer, seq_len=args.seq_len,
                              out=args.out, pack=args.pack, val_fraction=args.val_fraction, seed=args.seed,
                              workers=args.workers, text_field=args.text_field, rows_per_shard=args.rows_per_shard,
-                             piece_bytes=args.piece_bytes, strict=args.strict)
+                             piece_bytes=args.piece_bytes, strict=args.strict, keep_all=args.keep_all)
     run_shards(settings, command=["rdhpc", *sys.argv[1:]])
     return 0

@@ -3,7 +3,9 @@
 Every document becomes BOS + tokens + EOS.
 - drop (the paper's method): documents in their shuffled order are appended to a buffer; whenever the
   buffer holds at least a row, the row is cut and the rest of the buffer is DROPPED, so every row
-  starts at a document start. The incomplete buffer at the end of a group is dropped too.
+  starts at a document start. The incomplete buffer at the end of a group is dropped too. Documents
+  of "keep all" sources (the released code's precious sources) are chunked whole instead: when one
+  of them fills the buffer, every full row is cut and the remainder carries on.
 - carry: documents are concatenated across row boundaries and only the last row of a group is
   padded; the rows, concatenated and split at BOS, give back every document exactly once.
 
@@ -66,8 +68,10 @@ def copy_keys(keys: np.ndarray, copies: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def pack(docs: list[np.ndarray], row_len: int, mode: str, bos: int, eos: int, pad: int,
-         dtype=np.uint32) -> tuple[np.ndarray, dict]:
-    """Rows (N, row_len) from documents (token ids without BOS/EOS), and counts for the manifest."""
+         dtype=np.uint32, keep_all: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Rows (N, row_len) from documents (token ids without BOS/EOS), and counts for the manifest.
+    `keep_all` (drop packing): per document, whether it comes from a source whose every token is
+    kept (the released code's "keep all" sources)."""
     if mode not in PACK_MODES:
         raise ValueError(f"unknown pack mode {mode!r}; choose one of {PACK_MODES}")
     if not docs:
@@ -86,35 +90,61 @@ def pack(docs: list[np.ndarray], row_len: int, mode: str, bos: int, eos: int, pa
         rows = np.concatenate(parts).astype(dtype, copy=False).reshape(num_rows, row_len)
         dropped, documents = 0, len(docs)
     else:
-        # Decide the rows first from the lengths alone, then copy only the tokens that are kept,
-        # straight into the output (no per-row concatenation).
-        ends = np.cumsum(lengths)
-        rows_docs = []  # (first document, one past the last document) of every row
-        first, buffered_from = 0, 0
-        for i, end in enumerate(ends.tolist()):
-            if end - buffered_from >= row_len:
-                rows_docs.append((first, i + 1))
-                first, buffered_from = i + 1, end  # the rest of the buffer is dropped
-        rows = np.empty((len(rows_docs), row_len), dtype=dtype)
-        for row, (a, b) in zip(rows, rows_docs):
-            # The documents a..b-1 fill the row (the cut rule guarantees it); the last one is cut
-            # where the row ends, and every BOS of them lies inside the row.
-            position = 0
-            for doc in docs[a:b]:
-                row[position] = bos
-                take = min(len(doc), row_len - position - 1)
-                row[position + 1:position + 1 + take] = doc[:take]
-                position += 1 + take
-                if position == row_len:
-                    break
-                row[position] = eos
-                position += 1
-                if position == row_len:
-                    break
-        dropped, documents, pad_tokens = total - rows.size, sum(b - a for a, b in rows_docs), 0
+        rows, documents = _drop_rows(docs, lengths, row_len, keep_all, bos, eos, dtype)
+        dropped, pad_tokens = total - rows.size, 0
     counts = {"rows": int(len(rows)), "real_tokens": int(rows.size - pad_tokens), "pad_tokens": int(pad_tokens),
               "documents": int(documents), "dropped_tokens": int(dropped)}
     return rows, counts
+
+
+def _drop_rows(docs, lengths, row_len: int, keep_all, bos: int, eos: int, dtype) -> tuple[np.ndarray, int]:
+    """Drop packing: the rows decided from the lengths alone, then only kept tokens copied. In the
+    stream of BOS + document + EOS, a buffer starts at a document start; when document i fills it
+    to a row or more, one row is cut and the rest dropped, unless document i is keep-all: then
+    every full row is cut and the remainder carries on in the buffer (so the next row may start
+    inside a document). Returns the rows and how many document starts (BOS) they hold."""
+    ends = np.cumsum(lengths)
+    row_starts = []  # stream offset of every row
+    buffer_start = 0
+    for i, end in enumerate(ends.tolist()):
+        if end - buffer_start < row_len:
+            continue
+        if keep_all is not None and keep_all[i]:
+            whole = (end - buffer_start) // row_len
+            row_starts += range(buffer_start, buffer_start + whole * row_len, row_len)
+            buffer_start += whole * row_len
+        else:
+            row_starts.append(buffer_start)
+            buffer_start = end  # the rest of the buffer is dropped
+    rows = np.empty((len(row_starts), row_len), dtype=dtype)
+    if not row_starts:
+        return rows, 0
+    doc_starts = ends - lengths
+    starts = np.asarray(row_starts, dtype=np.int64)
+    first_docs = np.searchsorted(ends, starts, side="right")  # the document each row starts in
+    for row, start, j in zip(rows, row_starts, first_docs.tolist()):
+        _fill_row(row, docs, j, start - int(doc_starts[j]), bos, eos)
+    row_of_start = np.searchsorted(starts, doc_starts, side="right") - 1
+    inside = (row_of_start >= 0) & (doc_starts < starts[np.maximum(row_of_start, 0)] + row_len)
+    return rows, int(inside.sum())
+
+
+def _fill_row(row: np.ndarray, docs, j: int, skip: int, bos: int, eos: int) -> None:
+    """Copy the stream (BOS + document + EOS, ...) into `row` from token `skip` of document j's part."""
+    position, row_len = 0, len(row)
+    while position < row_len:
+        doc = docs[j]
+        stream_len = len(doc) + 2
+        take = min(row_len - position, stream_len - skip)
+        first, last = skip, skip + take  # [first, last) of this document's stream
+        if first == 0:
+            row[position] = bos
+        low, high = max(first, 1), min(last, stream_len - 1)
+        if high > low:
+            row[position + low - first:position + high - first] = doc[low - 1:high - 1]
+        if last == stream_len:
+            row[position + take - 1] = eos
+        position, j, skip = position + take, j + 1, 0
 
 
 def unpack_carry(rows: np.ndarray, bos: int, eos: int, pad: int) -> list[np.ndarray]:

@@ -65,6 +65,9 @@ class ShardSettings:
     rows_per_shard: int = 8192
     piece_bytes: int = 64 << 20
     strict: bool = False
+    keep_all: list[str] = field(default_factory=list)
+    """Sources whose every token drop packing keeps (chunked whole, as the released code's
+    precious sources); the others keep one row per buffer and drop the rest."""
     wait_timeout: float = 24 * 3600.0
 
     def problems(self) -> list[str]:
@@ -75,6 +78,9 @@ class ShardSettings:
             out.append(f"--seq-len: must be >= 1, got {self.seq_len}")
         if not 0 <= self.val_fraction < 1:
             out.append(f"--val-fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.keep_all and self.pack != "drop":
+            out.append(f"--keep-all: applies to --pack drop (carry keeps every token of every source), got --pack "
+                       f"{self.pack}")
         for name in ("workers", "rows_per_shard", "piece_bytes"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
@@ -85,7 +91,9 @@ class ShardSettings:
 
 def output_fingerprint(settings: ShardSettings, sources, tokenizer: TextTokenizer) -> dict:
     """Everything the bytes of the output depend on, and nothing else (not workers, ranks, pieces)."""
-    return {
+    # keep_all only when used: folders made before it existed keep their fingerprint
+    extra = {"keep_all": sorted(set(settings.keep_all))} if settings.keep_all else {}
+    return extra | {
         "sources": [{"name": s.name, "weight": s.weight,
                      "files": sorted([s.key_names[f], os.path.getsize(f)] for f in s.files)} for s in sources],
         "tokenizer_sha256": tokenizer.sha256,
@@ -221,13 +229,13 @@ def _open_piece(path: Path, dtype: str):
     return keys, val, copies.astype(np.int64), offsets, values
 
 
-def pack_shard(task: tuple[str, int, int, int]) -> dict:
-    split, group, num_groups, num_pieces = task
+def pack_shard(task: tuple[str, int, int, int, frozenset]) -> dict:
+    split, group, num_groups, num_pieces, keep_all_pieces = task
     settings: ShardSettings = _worker_state["settings"]
     tokenizer: TextTokenizer = _worker_state["tokenizer"]
     work = Path(settings.out) / WORK_DIR
     dtype = token_dtype(tokenizer.vocab_size)
-    order_keys, docs = [], []
+    order_keys, docs, keep_all = [], [], []
     for index in range(num_pieces):
         keys, val, copies, offsets, values = _open_piece(_piece_path(work, index), dtype)
         selected = np.flatnonzero(val == (split == "val"))
@@ -236,10 +244,12 @@ def pack_shard(task: tuple[str, int, int, int]) -> dict:
         for row, key in zip(selected[doc_index[mine]], keys_of_copies[mine]):
             order_keys.append(key)
             docs.append(values[offsets[row]:offsets[row + 1]])
+        keep_all += [index in keep_all_pieces] * len(mine)
     order = np.argsort(np.asarray(order_keys, dtype=np.uint64), kind="stable")
     docs = [docs[i] for i in order]
+    flags = np.asarray(keep_all, dtype=bool)[order] if keep_all_pieces else None
     rows, counts = pack(docs, settings.seq_len + 1, settings.pack, tokenizer.bos_id, tokenizer.eos_id,
-                        tokenizer.pad_id, dtype=np.dtype(dtype))
+                        tokenizer.pad_id, dtype=np.dtype(dtype), keep_all=flags)
     path = Path(settings.out) / shard_name(split, group)
     entry = write_shard(path, rows, seq_len=settings.seq_len, dtype=dtype, tokenizer_sha256=tokenizer.sha256,
                         split=split)
@@ -340,6 +350,10 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
     ranks = discover_ranks()
     out, work = Path(settings.out), Path(settings.out) / WORK_DIR
     sources = parse_sources(settings.inputs, settings.weights)
+    unknown = sorted(set(settings.keep_all) - {s.name for s in sources})
+    if unknown:
+        raise InputError(f"--keep-all {' '.join(unknown)}: no input source of that name (sources: "
+                         f"{', '.join(s.name for s in sources)}; name them with --input NAME=PATH)")
     tokenizer = load_tokenizer(settings.tokenizer)
     fingerprint = output_fingerprint(settings, sources, tokenizer)
     show = ranks.is_main and sys.stderr.isatty() or os.environ.get("RDHPC_PROGRESS") == "1"
@@ -392,12 +406,18 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
         tokenize_done = time.monotonic()
 
         stats = [json.loads(p.with_suffix(".json").read_text()) for p in piece_paths]
-        capped = "capped_" if settings.pack == "drop" else ""
-        groups = {"train": _num_groups(sum(s[f"train_{capped}tokens_with_copies"] for s in stats), settings),
-                  "val": _num_groups(sum(s[f"val_{capped}tokens"] for s in stats), settings)
+        keep_all_pieces = frozenset(i for i, s in enumerate(stats) if s["source"] in settings.keep_all)
+
+        def kept(s, split):  # tokens that size the shards: drop packing keeps at most a row per start
+            capped = "capped_" if settings.pack == "drop" and s["piece"] not in keep_all_pieces else ""
+            return s[f"train_{capped}tokens_with_copies"] if split == "train" else s[f"val_{capped}tokens"]
+
+        groups = {"train": _num_groups(sum(kept(s, "train") for s in stats), settings),
+                  "val": _num_groups(sum(kept(s, "val") for s in stats), settings)
                   if any(s["val_documents"] for s in stats) else 0}
-        tasks = [(split, g, groups[split], len(pieces)) for split in ("train", "val") for g in range(groups[split])]
-        shard_stats = [work / "shards" / (shard_name(split, g) + ".json") for split, g, _, _ in tasks]
+        tasks = [(split, g, groups[split], len(pieces), keep_all_pieces) for split in ("train", "val")
+                 for g in range(groups[split])]
+        shard_stats = [work / "shards" / (shard_name(split, g) + ".json") for split, g, _, _, _ in tasks]
         todo = [t for i, t in enumerate(tasks) if i % ranks.world_size == ranks.rank and not shard_stats[i].exists()]
         _run_tasks(pack_shard, todo, workers, "pack", show, "shard")
         if not ranks.is_main:

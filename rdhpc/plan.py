@@ -20,7 +20,10 @@ Memory per GPU, Psi = parameters, N = data-parallel ranks (ZeRO shards over all 
 | 3     | w Psi / N        | 4 Psi / N          | o Psi / N                                |
 
 bf16: w = 2, gradients reduced and accumulated in float32 (4 bytes, this project's DeepSpeed config),
-o = 12 (float32 master weights, Adam m and v); fp32: w = 4, o = 8. Not counted: DeepSpeed's
+o = 12 (float32 master weights, Adam m and v); fp32 and bf16-autocast (float32 weights under bf16
+autocast, the paper's precision): w = 4, o = 8 (the float32 weights are the master copy).
+Activations below are counted at bf16-mode widths; under bf16-autocast the residual stream and
+the norms' outputs are float32, which adds to them. Not counted: DeepSpeed's
 communication buckets, ZeRO-3 prefetch buffers, the allocator's fragmentation, the framework's own
 few GB (allow ~10-15% headroom).
 
@@ -103,7 +106,7 @@ def activation_bytes(c: ModelConfig, micro_batch: int, seq_len: int, checkpointi
 
 
 def state_bytes(num_params: int, stage: int, num_ranks: int, precision: str) -> dict[str, float]:
-    w, o = (2, 12) if precision == "bf16" else (4, 8)
+    w, o = (2, 12) if precision == "bf16" else (4, 8)  # fp32 and bf16-autocast: float32 weights
     weights = w * num_params / (num_ranks if stage >= 3 else 1)
     gradients = 4 * num_params / (num_ranks if stage >= 2 else 1)
     optimizer = o * num_params / (num_ranks if stage >= 1 else 1)

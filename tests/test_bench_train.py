@@ -91,7 +91,8 @@ def test_device_script_rehearses_on_the_cpu(tmp_path):
         assert f"[device] {name}: exit 0" in done.stdout, done.stdout[-3000:]
     main = json.loads((tmp_path / "main.json").read_text())
     assert list(main["paths"]) == ["plain-eager", "fast"] and main["precision"] == "bf16"
-    assert list(json.loads((tmp_path / "parts.json").read_text())["paths"]) == ["plain-core", "uncompiled"]
+    parts = json.loads((tmp_path / "parts.json").read_text())
+    assert list(parts["paths"]) == ["plain-core", "uncompiled", "autocast"]  # bf16 and the paper's precision
     assert json.loads((tmp_path / "attention.json").read_text())["backends"]["math"]["available"]
     assert "reference (the paper's released code, one H200)" in (tmp_path / "summary.txt").read_text()
     assert len(list(tmp_path.iterdir())) <= 8

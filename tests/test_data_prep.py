@@ -231,6 +231,50 @@ def test_drop_shards_start_every_row_with_bos(tmp_path, corpus, tokenizer_path):
     assert manifest.report["dropped_tokens"] > 0
 
 
+def test_keep_all_packing_rule():
+    """A keep-all document that fills the buffer has every full row cut, the remainder carried on
+    (the next row may start inside it); an ordinary one keeps one row and drops the rest."""
+    docs = [np.arange(n, dtype=np.uint32) + 10 for n in (14, 3, 9, 2)]  # streams of 16, 5, 11, 4 tokens
+    rows, counts = pack(docs, row_len=8, mode="drop", bos=1, eos=2, pad=0,
+                        keep_all=np.array([True, False, False, False]))
+    # doc0 keep-all: rows [0, 8) and [8, 16) of its stream, nothing left; doc1 + doc2 (16): one row, rest dropped
+    assert rows.tolist() == [[1, 10, 11, 12, 13, 14, 15, 16], [17, 18, 19, 20, 21, 22, 23, 2],
+                             [1, 10, 11, 12, 2, 1, 10, 11]]
+    assert counts["documents"] == 3 and counts["dropped_tokens"] == 36 - 24
+    rows, counts = pack(docs, row_len=8, mode="drop", bos=1, eos=2, pad=0, keep_all=np.array([False, True, True, False]))
+    # doc0 alone fills a row: cut, the rest dropped; doc1 + doc2 (16) keep-all: two rows, the 2nd inside doc2
+    assert rows.tolist()[1:] == [[1, 10, 11, 12, 2, 1, 10, 11], [12, 13, 14, 15, 16, 17, 18, 2]]
+    assert rows[2, 0] != 1 and counts["documents"] == 3
+
+
+def test_keep_all_sources_in_prep_shards(tmp_path, corpus, tokenizer_path):
+    """--keep-all NAME: that source's tokens are all kept under drop packing, deterministically
+    (byte-identical for any number of workers and pieces), named in the manifest's settings;
+    verify accepts rows that start inside a document; an unknown name is refused."""
+    root, _ = corpus
+    inputs = [f"book={root / 'txt'}", f"web={root / 'a.jsonl'}"]
+    plain = prep(tmp_path, None, tokenizer_path, name="plain", inputs=inputs, val_fraction=0.0)
+    one = prep(tmp_path, None, tokenizer_path, name="keep1", inputs=inputs, val_fraction=0.0, keep_all=["book"],
+               workers=1, rows_per_shard=16)
+    three = prep(tmp_path, None, tokenizer_path, name="keep3", inputs=inputs, val_fraction=0.0, keep_all=["book"],
+                 workers=3, piece_bytes=50_000, rows_per_shard=16)
+    assert shard_bytes(one) == shard_bytes(three)
+    manifest, problems = verify_folder(one)
+    assert problems == [] and manifest.settings["keep_all"] == ["book"]
+    assert "keep_all" not in read_manifest(plain).settings  # folders made without it keep their fingerprint
+    kept, dropped = manifest.totals("train")["real_tokens"], manifest.report["dropped_tokens"]
+    assert kept > read_manifest(plain).totals("train")["real_tokens"]
+    assert dropped < read_manifest(plain).report["dropped_tokens"]
+    # every token of the book source: at most a row's worth per shard is left in its last buffer
+    book = manifest.report["sources"]["book"]["train_tokens_with_copies"]
+    web_rows_kept = read_manifest(plain).totals("train")["real_tokens"]
+    assert kept >= book - len(manifest.split_shards("train")) * 129 and kept <= book + web_rows_kept
+    with pytest.raises(Exception, match="--keep-all nosuch: no input source of that name"):
+        prep(tmp_path, None, tokenizer_path, name="bad", inputs=inputs, keep_all=["nosuch"])
+    with pytest.raises(Exception, match="--keep-all: applies to --pack drop"):
+        prep(tmp_path, None, tokenizer_path, name="bad2", inputs=inputs, keep_all=["book"], pack="carry")
+
+
 # ---- determinism and restarts -------------------------------------------------------------------
 
 def test_output_is_identical_for_any_number_of_workers_and_pieces(tmp_path, corpus, tokenizer_path):

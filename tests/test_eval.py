@@ -194,3 +194,28 @@ def _whole(model, tok, text):
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids[:-1]]), num_steps=4, init_scale=0).logits[0].float(), -1)
     return float(logp.gather(-1, torch.tensor(ids[1:])[:, None]).sum())
+
+
+def test_in_loop_evaluation_leaves_the_training_rng_streams_untouched():
+    """The evaluator reseeds its initial-state noise inside a forked RNG that saves every generator
+    the forward draws from (the CPU's, and on a GPU that device's: fork_rng(devices=[]) would not
+    restore a GPU's, so every rank's noise would become identical after the first validation)."""
+    from types import SimpleNamespace
+
+    from rdhpc.data.loader import ShardDataset
+    from rdhpc.eval.in_loop import DepthLossEvaluator, rng_devices
+
+    torch.manual_seed(0)
+    model = RecurrentDepthModel(model_config_from_size("debug")).eval()
+    dataset = ShardDataset(trained_runs.shards(), "val")
+    evaluator = DepthLossEvaluator(dataset, SimpleNamespace(depths=[1, 3], batches=2, interval=5), 2, rank=0,
+                                   world_size=1, device=torch.device("cpu"), sum_over_ranks=lambda v: v, seed=7)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = evaluator.evaluate(model, step=5)
+    assert torch.equal(torch.get_rng_state(), before)  # the training stream goes on as if nothing ran
+    assert evaluator.evaluate(model, step=10).scalars == first.scalars  # the same noise at every evaluation
+    assert set(first.scalars) == {"val/loss_r1", "val/loss_r3"}
+    assert evaluator.due(5, last=False) and not evaluator.due(6, last=False) and evaluator.due(6, last=True)
+    gpu = torch.device("cuda", 3)
+    assert rng_devices(gpu) == [gpu] and rng_devices(torch.device("cpu")) == []

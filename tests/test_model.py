@@ -366,3 +366,20 @@ def test_sandwich_block_order():
     # the last operation is norm_4: the output's rms per position is its weight, 3
     rms = out.pow(2).mean(-1).sqrt()
     torch.testing.assert_close(rms, torch.full_like(rms, 3.0), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_autocast_keeps_the_state_in_float32():
+    """The paper's precision: float32 weights under bf16 autocast. Matrix products run in bf16, but
+    every norm's output (and so the residual stream and the latent state s_i) is float32, as the
+    released RMSNorm's `norm(x.float()).type_as(x) * weight` gives; bf16 weights give a bf16 state."""
+    torch.manual_seed(0)
+    model = RecurrentDepthModel(model_config_from_size("debug"))
+    x = torch.randint(0, 500, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, num_steps=4, labels=x, init_scale=0)
+        assert model.adapter(torch.zeros(1, 128)).dtype == torch.bfloat16  # the products are bf16
+    assert out.latent_state.dtype == torch.float32 and out.logits.dtype == torch.bfloat16
+    reference = model(x, num_steps=4, labels=x, init_scale=0)
+    assert abs(float(out.loss) - float(reference.loss)) < 2e-2
+    half = RecurrentDepthModel(model_config_from_size("debug")).to(torch.bfloat16)
+    assert half(x, num_steps=4).latent_state.dtype == torch.bfloat16

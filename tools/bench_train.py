@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         release()
 
     for name, overrides in variants:
-        variant = load_config(args.config, common + overrides + forced)
+        variant = load_config(args.config, common + forced + overrides)  # a variant may change the precision
         model = build_model(variant.model)
         engine, _, ds_config = build_engine(variant, model, 1, device)
         engine.train()

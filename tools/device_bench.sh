@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's one prepared GPU check: the training step's throughput on one H200 at the 3.5B shape
+# The one prepared GPU check: the training step's throughput on one H200 at the 3.5B shape
 # (4096 tokens, micro-batch 1, depth 24 without + 8 with gradient, bf16), JSON and logs under $OUT,
 # within about 8 minutes (RDHPC_BENCH_BUDGET_S, default 480: each stage is cut to what is left).
 #
@@ -12,8 +12,9 @@
 #   main       tools/bench_train.py, one process: the paper's recipe (plain PyTorch, fp32 weights under
 #              bf16 autocast, eager) and the engine path users run (DeepSpeed ZeRO 1, bf16 weights, fused
 #              AdamW step) with the switches chosen on the CPU ($FAST below); the issue's goal is judged here
-#   parts      plain PyTorch with the core iteration compiled, and the engine path without compilation:
-#              where the gain comes from
+#   parts      plain PyTorch with the core iteration compiled, and the engine path without compilation,
+#              in bf16 and in the paper's precision (train.precision=bf16-autocast: float32 weights and
+#              state under bf16 autocast): where the gain comes from, and what the paper's precision costs
 # Then a table of every path (tools/bench_summary.py), printed last.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,7 @@ fi
 # the engine path's switches (NOTES.md, "Training throughput"); sdpa_backend stays auto
 FAST="train.compile=core model.loss_chunk_size=1024 model.no_grad_mode=inference_mode model.hoist_injection=true train.bf16_immediate_grad_update=true"
 UNCOMPILED="model.loss_chunk_size=1024 model.no_grad_mode=inference_mode model.hoist_injection=true train.bf16_immediate_grad_update=true"
+AUTOCAST="train.precision=bf16-autocast model.loss_chunk_size=1024 model.no_grad_mode=inference_mode model.hoist_injection=true"
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem --format=csv 2>&1 \
@@ -77,7 +79,7 @@ stage attention 60 "$PY" tools/bench_attention.py "${ATTENTION[@]}" --json "$OUT
 stage main 300 "$PY" tools/bench_train.py "${SIZE[@]}" --set "train.compile_backend=$COMPILER" \
     --plain eager --engine "fast: $FAST" --json "$OUT/main.json"
 stage parts 300 "$PY" tools/bench_train.py "${SIZE[@]}" --set "train.compile_backend=$COMPILER" \
-    --plain core --engine "uncompiled: $UNCOMPILED" --json "$OUT/parts.json"
+    --plain core --engine "uncompiled: $UNCOMPILED" --engine "autocast: $AUTOCAST" --json "$OUT/parts.json"
 
 "$PY" tools/bench_summary.py "$OUT/main.json" "$OUT/parts.json" "$OUT/attention.json" | tee "$OUT/summary.txt"
 echo "[device] done in $((SECONDS - started)) s; files in $OUT"

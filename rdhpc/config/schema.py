@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 from rdhpc.model.config import ModelConfig
 from rdhpc.validation import check_bounds, check_choice
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "bf16-autocast", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+WEIGHT_DECAY_SCALINGS = {
+    "lr": "p <- p (1 - lr_t * weight_decay): torch AdamW's decoupled decay",
+    "schedule": "p <- p (1 - lr_t / optim.lr * weight_decay): the released Adam-atan2's decay",
+}
 OPTIMIZERS = {
     "adamw": "torch.optim.AdamW (nothing to compile on CPU)",
     "adam-atan2": "the paper's Adam variant: atan2 update, update clipping, running init, decoupled decay",
@@ -73,9 +77,20 @@ class OptimConfig:
     """Peak learning rate (4e-5 in the 3.5B run)."""
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 4e-5
-    """Decoupled weight decay; norms, qk_bias and (by default) embeddings get none."""
+    """Decoupled weight decay of every weight except the norms and qk_bias (the embedding and the
+    tied head are decayed, as in the released code); its formula is weight_decay_scaling's."""
+    weight_decay_scaling: str = "lr"
+    """How the decay follows the learning rate, per step and decayed weight p (lr_t the scheduled
+    rate): 'lr': p <- p (1 - lr_t * weight_decay), torch AdamW's form (weight_decay is per unit
+    learning rate: 4e-5 x 4e-5 = 1.6e-9 per step would be no decay at all); 'schedule':
+    p <- p (1 - lr_t / optim.lr * weight_decay), the released Adam-atan2's form (weight_decay is the
+    decay per step at the peak rate, following warm-up and cool-down)."""
     eps: float = 1e-8
-    """AdamW epsilon (the atan2 variant has none)."""
+    """AdamW epsilon (the atan2 update needs none; see atan2_eps)."""
+    atan2_eps: float = 1e-6
+    """adam-atan2: where it clips updates, the released code clamps v in place to at least
+    atan2_eps^2, which floors sqrt(v) at atan2_eps inside the atan2 (an effective epsilon for
+    elements whose gradients are below ~1e-6); 1e-6 is the released run's; 0 turns the floor off."""
     grad_clip: float = 1.0
     """Global gradient-norm clipping; 0 disables."""
     update_clip: float = 1.0
@@ -86,7 +101,8 @@ class OptimConfig:
 
     def problems(self, prefix="optim"):
         out = check_choice(self, prefix, "name", OPTIMIZERS) + check_bounds(
-            self, prefix, positive=("lr",), non_negative=("weight_decay", "eps", "grad_clip", "update_clip"))
+            self, prefix, positive=("lr",), non_negative=("weight_decay", "eps", "atan2_eps", "grad_clip", "update_clip"))
+        out += check_choice(self, prefix, "weight_decay_scaling", WEIGHT_DECAY_SCALINGS)
         if self.fused and self.name != "adamw":
             out.append(f"{prefix}.fused: only optim.name 'adamw' has a fused kernel, got {self.name!r}")
         if not all(0 <= b < 1 for b in self.betas):
@@ -123,7 +139,11 @@ class TrainConfig:
     precision: str = "bf16"
     """'bf16': DeepSpeed holds the weights in bf16 and the model computes in bf16 (norms, RoPE and
     the loss in float32); ZeRO keeps float32 master weights, optimizer state and gradient
-    accumulation. 'fp32': everything in float32."""
+    accumulation; the residual stream and the latent state are bf16. 'bf16-autocast': the paper's
+    precision: float32 weights under torch's bf16 autocast (DeepSpeed's torch_autocast): matrix
+    products in bf16, the residual stream, the norms' outputs and the latent state s_i in float32
+    through every iteration, gradients reduced in float32; about twice the weight memory of 'bf16'.
+    'fp32': everything in float32."""
     device: str = "auto"
     """'auto' picks the GPU when there is one, else the CPU (gloo)."""
     compile: bool | str = False

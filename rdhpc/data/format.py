@@ -270,6 +270,8 @@ def verify_folder(folder: str | Path, checksums: bool = True) -> tuple[Manifest,
         starts = int((rows == manifest.tokenizer.bos_id).sum())
         if manifest.pack == "carry" and starts != entry.documents:
             problems.append(f"{path}: {starts} documents start here, the manifest says {entry.documents}")
-        if manifest.pack == "drop" and len(rows) and not np.all(rows[:, 0] == manifest.tokenizer.bos_id):
+        # keep-all sources are chunked whole: their rows may start inside a document
+        if manifest.pack == "drop" and not manifest.settings.get("keep_all") and len(rows) \
+                and not np.all(rows[:, 0] == manifest.tokenizer.bos_id):
             problems.append(f"{path}: a row does not start with BOS (drop packing)")
     return manifest, problems

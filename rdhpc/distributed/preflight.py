@@ -76,6 +76,11 @@ def timed_gemm_tflops(device: torch.device, n: int, dtype: torch.dtype, repeats:
     return 2 * n ** 3 / best / 1e12
 
 
+def gemm_size(device: torch.device) -> int:
+    """n of the timed n^3 GEMM: 8192 on GPUs, 256 on the CPU (where ranks share cores)."""
+    return 8192 if device.type == "cuda" else 256
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} {torch.cuda.get_device_name(device)}"
@@ -83,15 +88,16 @@ def _device_name(device: torch.device) -> str:
 
 
 def run_preflight(device, ranks, log=print, sizes=None, repeats: int | None = None, gemm_n: int | None = None,
-                  slow_fraction: float = SLOW_FRACTION) -> dict:
+                  slow_fraction: float = SLOW_FRACTION, dtype: torch.dtype | None = None) -> dict:
     """Run on every rank of an initialised process group; every rank returns the same report:
 
     {"ranks": [{"rank", "host", "device", "gemm_tflops"}, ...],
      "allreduce": [{"bytes", "seconds", "algbw_gbps", "busbw_gbps"}, ...],
      "gemm": {"n", "dtype", "median_tflops"}, "slow_ranks": [rank, ...], "seconds": total}
 
-    `log` is called on rank 0 only. The GEMM uses bf16 at n=8192 on GPUs and float32 at n=256 on
-    the CPU (CPU ranks share cores, so their figures only show gross outliers)."""
+    `log` is called on rank 0 only. The GEMM runs in `dtype` (default bf16 on GPUs, float32 on the
+    CPU; the trainer passes its matrix-product dtype, so the figure doubles as its MFU peak) at
+    n=8192 on GPUs and n=256 on the CPU (CPU ranks share cores: only gross outliers show)."""
     import torch.distributed as dist
 
     device = torch.device(device)
@@ -100,8 +106,8 @@ def run_preflight(device, ranks, log=print, sizes=None, repeats: int | None = No
     on_gpu = device.type == "cuda"
     sizes = tuple(sizes or (GPU_SIZES if on_gpu else CPU_SIZES))
     repeats = repeats or 10
-    n = gemm_n or (8192 if on_gpu else 256)
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    n = gemm_n or gemm_size(device)
+    dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
 
     allreduce = []
     if world > 1:

@@ -33,7 +33,7 @@ class _RMSNormFunction(torch.autograd.Function):
         if weight is not None:
             out = out * weight.to(x32.dtype)
         ctx.save_for_backward(x, weight, rstd)
-        return out.to(x.dtype)
+        return out.to(x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -51,7 +51,10 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, cast back to the input dtype (eps 1e-6 in the 3.5B model)."""
+    """RMSNorm computed in float32 (eps 1e-6 in the 3.5B model). The output takes the promoted
+    dtype of input and weight, as the released code's (`norm(x.float()).type_as(x) * weight`): a
+    bf16 input with a float32 weight (bf16 autocast over float32 weights, the paper's precision)
+    gives a float32 output, so the state stays float32; bf16 weights give bf16, float32 float32."""
 
     def __init__(self, dim: int, eps: float, learnable: bool = True):
         super().__init__()

@@ -44,6 +44,11 @@ def build_deepspeed_config(run: RunConfig, world_size: int, load_universal: bool
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
     }
+    if train.precision == "bf16-autocast":
+        # the paper's precision: float32 weights, bf16 matrix products inside the engine's forward;
+        # no module is "lower-precision safe", so every gradient is reduced in float32 (DeepSpeed's
+        # default would reduce the gradients of Linear layers in bf16)
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     if train.precision == "bf16":

@@ -42,12 +42,16 @@ PEAK_TFLOPS_BY_NAME = [
 ]
 
 
-def peak_tflops(device, dtype, configured: float | None) -> tuple[float, str]:
-    """(peak TFLOP/s per device for MFU, where the figure comes from)."""
-    from rdhpc.distributed.preflight import timed_gemm_tflops
+def peak_tflops(device, dtype, configured: float | None, preflight: dict | None = None) -> tuple[float, str]:
+    """(peak TFLOP/s per device for MFU, where the figure comes from): the configured figure, else
+    the datasheet's for a GPU the table knows, else ONE measurement: the pre-flight's median GEMM
+    over the ranks when it ran in this dtype (the figure its log shows), or a GEMM of the same
+    size timed here."""
+    from rdhpc.distributed.preflight import gemm_size, timed_gemm_tflops
 
     if configured is not None:
         return configured, "train.peak_tflops_per_device"
+    name = "this CPU"
     if device.type == "cuda":
         import torch
 
@@ -55,8 +59,12 @@ def peak_tflops(device, dtype, configured: float | None) -> tuple[float, str]:
         for key, value in PEAK_TFLOPS_BY_NAME:
             if key in name.upper():
                 return value, f"datasheet peak of {name}"
-        return timed_gemm_tflops(device, 4096, dtype, repeats=10), f"measured GEMM on {name} (unknown to the table)"
-    return timed_gemm_tflops(device, 1024, dtype, repeats=3), f"measured {str(dtype).replace('torch.', '')} GEMM on this CPU"
+    dtype_name = str(dtype).replace("torch.", "")
+    if preflight is not None and preflight["gemm"]["dtype"] == dtype_name:
+        n = preflight["gemm"]["n"]
+        return preflight["gemm"]["median_tflops"], f"the pre-flight's median {dtype_name} GEMM {n}^3 on {name}"
+    n = gemm_size(device)
+    return timed_gemm_tflops(device, n, dtype, repeats=10), f"a {dtype_name} GEMM {n}^3 timed on {name}"
 
 
 class MetricsSink:

@@ -2,7 +2,8 @@
 
 - "adamw": torch.optim.AdamW (nothing to compile: DeepSpeed's FusedAdam and CPUAdam build ops first).
 - "adam-atan2": the paper's Adam variant (AdamAtan2 below).
-Both decay every weight except norms and qk_bias (the paper's choice), with decoupled decay.
+Both decay every weight except norms and qk_bias (the paper's choice: the embedding and the tied
+head are decayed), with decoupled decay of the form `optim.weight_decay_scaling` names.
 """
 
 from __future__ import annotations
@@ -64,12 +65,23 @@ def flat_layout(numels: list[int], paddings: list[int], partition_size: int, par
 
 
 class AdamAtan2(torch.optim.Optimizer):
-    """The Adam variant of the 3.5B run:
+    """The Adam variant of the 3.5B run, as the released code computes it (its ELLISAdam with
+    atan_adam, running_init, update_clipping and decouple_wd; the run's optim_config). Per tensor,
+    at step t (1-based), with g its gradient:
 
-    - update atan2(m, sqrt(v)) instead of m / (sqrt(v) + eps): bounded, scale-invariant, no epsilon;
-    - m and v start from the first gradient (m = g, v = g^2), not from zero, so no bias correction;
-    - per-tensor update clipping: the step size of a tensor is divided by max(1, rms(g^2 / v) / clip);
-    - decoupled weight decay p <- p (1 - lr wd), with the tensor's clipped step size.
+        m = g, v = g^2 at t = 1 (running init), else m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2
+        v <- max(v, eps^2)                     in place (eps = atan2_eps: 1e-6 in the released run; 0: off)
+        rms = sqrt(mean(g^2 / v))             per tensor (update clipping; `update_clip` = 0 turns it off)
+        step = lr_t / max(1, rms / update_clip) / (1 - b1^t)
+        p <- p (1 - d_t)                      decoupled weight decay, before the update (below)
+        p <- p - step * atan2(m, sqrt(v) / sqrt(1 - b2^t))
+
+    The update is bounded and scale-invariant and needs no epsilon; the bias corrections apply on
+    top of the running init, as in the released code. The decay d_t of a group with weight decay
+    wd is `lr_t * wd` when the group's `decay_reference_lr` is None (torch AdamW's form), else
+    `lr_t / decay_reference_lr * wd`: the released form, which follows the schedule but not the
+    size of the learning rate (4e-5 per step at the peak for the 3.5B run's wd = 4e-5). The decay
+    uses the scheduled rate, not the clipped or bias-corrected step.
 
     Under ZeRO the optimizer sees, per parameter group, one flat partition of many tensors (and
     other ranks hold the rest of some of them). `set_flat_layout` says where each tensor lies, and
@@ -78,10 +90,15 @@ class AdamAtan2(torch.optim.Optimizer):
     as one tensor (ZeRO 1 and 2 would then clip per group and rank).
     """
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0, update_clip: float = 1.0):
-        if lr <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0 or update_clip < 0:
-            raise ValueError(f"bad AdamAtan2 settings lr={lr} betas={betas} wd={weight_decay} clip={update_clip}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, update_clip=update_clip))
+    def __init__(self, params, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0, update_clip: float = 1.0,
+                 eps: float = 1e-6, decay_reference_lr: float | None = None):
+        if lr <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0 or update_clip < 0 or eps < 0:
+            raise ValueError(f"bad AdamAtan2 settings lr={lr} betas={betas} wd={weight_decay} clip={update_clip} "
+                             f"eps={eps}")
+        if decay_reference_lr is not None and decay_reference_lr <= 0:
+            raise ValueError(f"decay_reference_lr must be > 0, got {decay_reference_lr}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, update_clip=update_clip,
+                                      eps=eps, decay_reference_lr=decay_reference_lr))
         # id(flat parameter) -> (that parameter, its layout). Keyed by the tensor, not by the group's
         # index: DeepSpeed steps one group at a time by swapping param_groups for a one-group list.
         self.flat_layouts: dict[int, tuple[torch.Tensor, FlatLayout]] = {}
@@ -92,6 +109,13 @@ class AdamAtan2(torch.optim.Optimizer):
             raise ValueError(f"parameter group {group_index}: the layout covers {sum(n for _, n in layout.runs)} "
                              f"elements, the group holds {[p.numel() for p in params]}")
         self.flat_layouts[id(params[0])] = (params[0], layout)
+
+    @staticmethod
+    def decay_factor(group: dict) -> float:
+        """1 - d_t: what a decayed weight is multiplied by this step."""
+        reference = group.get("decay_reference_lr")
+        lr = group["lr"] / reference if reference else group["lr"]
+        return 1 - lr * group["weight_decay"]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -115,24 +139,27 @@ class AdamAtan2(torch.optim.Optimizer):
                     state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 state["step"] += 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
+                if group["update_clip"] > 0 and group["eps"] > 0:
+                    v.clamp_(min=group["eps"] ** 2)  # in place, as released: the floor stays in v
+                t = int(state["step"])
+                bias1, bias2_sqrt = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
                 if self.flat_layouts:
                     flat = self.flat_layouts.get(id(p))
                     if flat is None or flat[0] is not p:  # never clip a flat partition as one tensor unseen
                         raise RuntimeError("adam-atan2: a parameter without its flat layout (DeepSpeed replaced "
                                            "its flat partitions after the layouts were attached)")
-                    self._flat_update(p, grad, m, v, group, flat[1])
+                    self._flat_update(p, grad, m, v, group, flat[1], bias1, bias2_sqrt)
                     continue
-                lr = group["lr"]
+                step_size = group["lr"]
                 if group["update_clip"] > 0:
                     rms = (grad * grad / v.clamp_min(torch.finfo(torch.float32).tiny)).mean().sqrt().item()
-                    lr = lr / max(1.0, rms / group["update_clip"])
+                    step_size = step_size / max(1.0, rms / group["update_clip"])
                 if group["weight_decay"]:
-                    p.mul_(1 - lr * group["weight_decay"])
-                p.add_(torch.atan2(m, v.sqrt()).to(p.dtype), alpha=-lr)
+                    p.mul_(self.decay_factor(group))
+                p.add_(torch.atan2(m, v.sqrt() / bias2_sqrt).to(p.dtype), alpha=-step_size / bias1)
         return loss
 
-    @staticmethod
-    def _flat_update(p, grad, m, v, group, layout: FlatLayout) -> None:
+    def _flat_update(self, p, grad, m, v, group, layout: FlatLayout, bias1: float, bias2_sqrt: float) -> None:
         """The per-tensor step on a flat partition: every run of tensor k gets tensor k's factor."""
         import torch.distributed as dist
 
@@ -147,25 +174,29 @@ class AdamAtan2(torch.optim.Optimizer):
                 dist.all_reduce(sums, group=layout.process_group)  # the parts of a tensor on other ranks
             rms = (sums / layout.numels.to(p.device)).sqrt()
             factor = (1.0 / torch.clamp(rms / group["update_clip"], min=1.0)).to(torch.float32)
-        update = torch.atan2(m, v.sqrt())
+        if group["weight_decay"]:
+            p.mul_(self.decay_factor(group))  # the same for every tensor of the group (padding stays 0)
+        update = torch.atan2(m, v.sqrt() / bias2_sqrt)
         for k, start, n in owners:
-            lr = group["lr"] * factor[k]
-            if group["weight_decay"]:
-                p.narrow(0, start, n).mul_(1 - lr * group["weight_decay"])
-            p.narrow(0, start, n).add_(update.narrow(0, start, n).to(p.dtype) * -lr)
+            step_size = group["lr"] * factor[k] / bias1
+            p.narrow(0, start, n).add_(update.narrow(0, start, n).to(p.dtype) * -step_size)
 
 
 def build_optimizer(model: torch.nn.Module, config: OptimConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
     """AdamW fused (optim.fused; by default on GPUs) reads and writes about 28 bytes per parameter
     per step, the one-op-at-a-time loop about 70: at 3.5B parameters ~25 ms instead of ~65 ms on an
     H200. On the CPU the loop stays the reference the tests compare DeepSpeed against bit for bit."""
-    groups = parameter_groups(model, config.weight_decay)
     fused = config.fused if config.fused is not None else device_type == "cuda"
     if config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+        # torch's AdamW decays by lr_t * wd: the schedule form (lr_t / lr_peak) * wd is the same
+        # formula with wd / lr_peak
+        wd = config.weight_decay / config.lr if config.weight_decay_scaling == "schedule" else config.weight_decay
+        return torch.optim.AdamW(parameter_groups(model, wd), lr=config.lr, betas=config.betas, eps=config.eps,
                                  **({"fused": True} if fused else {"foreach": False}))
     if config.name == "adam-atan2":
-        return AdamAtan2(groups, lr=config.lr, betas=config.betas, update_clip=config.update_clip)
+        reference = config.lr if config.weight_decay_scaling == "schedule" else None
+        return AdamAtan2(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+                         update_clip=config.update_clip, eps=config.atan2_eps, decay_reference_lr=reference)
     raise ValueError(f"unknown optimizer {config.name!r}")
 
 

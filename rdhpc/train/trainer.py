@@ -108,11 +108,14 @@ class Trainer:
         self.heartbeat.progress(0, "init process group")
         self._init_distributed(backend="nccl" if use_cuda else "gloo")
 
+        matmul_dtype = torch.float32 if run.train.precision == "fp32" else torch.bfloat16
+        self.preflight = None
         if run.train.preflight:
             from rdhpc.distributed.preflight import run_preflight
 
             self.heartbeat.progress(0, "pre-flight")
-            self.preflight = run_preflight(self.device, self.ranks, log=self.log)  # touches no RNG stream
+            # touches no RNG stream; its GEMM runs in the training's matrix-product dtype
+            self.preflight = run_preflight(self.device, self.ranks, log=self.log, dtype=matmul_dtype)
 
         self.heartbeat.progress(0, "open shards")
         self.dataset = ShardDataset(run.data.train_dir, "train", seq_len=run.model.max_seq_len,
@@ -131,6 +134,7 @@ class Trainer:
 
         torch.manual_seed(run.train.seed)  # the same initial weights on every rank
         model = RecurrentDepthModel(run.model)
+        counts = model.parameter_counts()  # before ZeRO 3 partitions the weights
         self.heartbeat.progress(0, "resume point")
         self.checkpointer = Checkpointer(run.checkpoint.dir or self.folder.checkpoints, self.ranks.rank,
                                          self.ranks.world_size, run.checkpoint.keep_last,
@@ -157,14 +161,13 @@ class Trainer:
             save_config(run, self.folder.root)
             self.folder.deepspeed_config.write_text(json.dumps(self.ds_config, indent=2))
         self.sink = MetricsSink(self.folder, self.ranks.is_main, run.logging.tensorboard, log=self.log)
-        self.peak_tflops, peak_source = peak_tflops(self.device, torch.bfloat16 if run.train.precision == "bf16"
-                                                    else torch.float32, run.train.peak_tflops_per_device)
-        self._log_setup(model, peak_source)
+        self.peak_tflops, peak_source = peak_tflops(self.device, matmul_dtype, run.train.peak_tflops_per_device,
+                                                    self.preflight)
+        self._log_setup(counts, peak_source)
 
-    def _log_setup(self, model, peak_source: str):
+    def _log_setup(self, counts: dict, peak_source: str):
         run, tc, mc = self.run, self.run.train, self.run.model
-        counts = model.parameter_counts()
-        self.log(f"[train] MFU against {self.peak_tflops:.3g} TFLOP/s per device ({peak_source})")
+        self.log(f"[train] MFU against {self.peak_tflops:.4g} TFLOP/s per device ({peak_source})")
         self.log(f"[train] {counts['total']:,} parameters on {self.ranks.world_size} rank(s) ({self.device.type}), "
                  f"ZeRO {run.zero.stage}, {tc.precision}, global batch {tc.global_batch_size} x "
                  f"{mc.max_seq_len} tokens, {self.ds_config['gradient_accumulation_steps']} micro-step(s) per step")
