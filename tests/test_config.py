@@ -126,7 +126,8 @@ def test_saved_config_reloads_identically(tmp_path):
     del old["eval"]
     (tmp_path / "ckpt" / "config.yaml").write_text(yaml.safe_dump(old))
     moved = config_from_checkpoint(tmp_path / "ckpt")
-    assert (moved.eval.interval, moved.eval.depths, moved.eval.batches) == (7, [2, 5], 3)
+    assert (moved.eval.interval, moved.eval.depths) == (7, [2, 5])
+    assert moved.eval.rows == config.eval.rows  # val_batches meant micro-batches per rank: dropped, not moved
 
 
 def test_cli_reports_every_problem_and_exits_2(tmp_path, capsys):

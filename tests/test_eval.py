@@ -73,7 +73,7 @@ def test_in_loop_validation_equals_the_eval_command(tmp_path, capsys):
     """The trainer's validation (rdhpc.eval.in_loop, through the DeepSpeed engine) and `rdhpc eval`
     of the checkpoint saved at that step compute the same token-weighted losses on the same rows."""
     run = trained_runs.trained_run(12, 1, "fp32", 1)
-    assert main(["eval", str(run), "--data", str(trained_runs.shards()), "--steps", "1,2,4,8", "--max-rows", "8",
+    assert main(["eval", str(run), "--data", str(trained_runs.shards()), "--steps", "1,2,4,8", "--max-rows", "16",
                  "--batch-size", "4", "--seed", "0", "--out", str(tmp_path / "offline")]) == 0
     offline = json.loads((tmp_path / "offline" / "eval.json").read_text())["loss"]
 
@@ -81,7 +81,7 @@ def test_in_loop_validation_equals_the_eval_command(tmp_path, capsys):
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
-    for depth in (1, 2, 4, 8):  # configs/debug.yaml: eval.depths [1, 2, 4, 8], 2 batches of 4 rows
+    for depth in (1, 2, 4, 8):  # configs/debug.yaml: eval.depths [1, 2, 4, 8], eval.rows 16
         (event,) = events.Scalars(f"val/loss_r{depth}")
         assert event.step == 12 and event.value == pytest.approx(offline[str(depth)], rel=1e-6)
 
@@ -197,25 +197,37 @@ def _whole(model, tok, text):
 
 
 def test_in_loop_evaluation_leaves_the_training_rng_streams_untouched():
-    """The evaluator reseeds its initial-state noise inside a forked RNG that saves every generator
-    the forward draws from (the CPU's, and on a GPU that device's: fork_rng(devices=[]) would not
-    restore a GPU's, so every rank's noise would become identical after the first validation)."""
+    """Validation noise comes from per-row generators keyed by the row's index, so evaluating never
+    draws from a global generator (neither the CPU's nor a GPU's): the training streams go on as if
+    nothing ran, and every evaluation sees the same noise."""
     from types import SimpleNamespace
 
     from rdhpc.data.loader import ShardDataset
-    from rdhpc.eval.in_loop import DepthLossEvaluator, rng_devices
+    from rdhpc.eval.in_loop import DepthLossEvaluator
 
     torch.manual_seed(0)
     model = RecurrentDepthModel(model_config_from_size("debug")).eval()
     dataset = ShardDataset(trained_runs.shards(), "val")
-    evaluator = DepthLossEvaluator(dataset, SimpleNamespace(depths=[1, 3], batches=2, interval=5), 2, rank=0,
-                                   world_size=1, device=torch.device("cpu"), sum_over_ranks=lambda v: v, seed=7)
+    config = SimpleNamespace(depths=[1, 3], rows=8, interval=5)
+    evaluator = DepthLossEvaluator(dataset, config, 2, rank=0, world_size=1, device=torch.device("cpu"),
+                                   sum_over_ranks=lambda v: v, seed=7)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     first = evaluator.evaluate(model, step=5)
-    assert torch.equal(torch.get_rng_state(), before)  # the training stream goes on as if nothing ran
+    assert torch.equal(torch.get_rng_state(), before)
     assert evaluator.evaluate(model, step=10).scalars == first.scalars  # the same noise at every evaluation
     assert set(first.scalars) == {"val/loss_r1", "val/loss_r3"}
     assert evaluator.due(5, last=False) and not evaluator.due(6, last=False) and evaluator.due(6, last=True)
-    gpu = torch.device("cuda", 3)
-    assert rng_devices(gpu) == [gpu] and rng_devices(torch.device("cpu")) == []
+    # 8 rows over 3 ranks (3, 3, 2 rows, each padded to 2 batches of 2): summed, the same result
+    parts = [DepthLossEvaluator(dataset, config, 2, rank=r, world_size=3, device=torch.device("cpu"),
+                                sum_over_ranks=lambda v: v, seed=7) for r in range(3)]
+    assert [len(p.indices) for p in parts] == [4, 4, 4] and [p.real_rows for p in parts] == [3, 3, 2]
+    from rdhpc.eval.depth_eval import evaluate_depths
+
+    sums = [evaluate_depths(model, dataset.rows(p.indices), [1, 3], dataset.pad_id, 2, seed=7, first_row=p.first_row,
+                            real_rows=p.real_rows) for p in parts]
+    whole, tokens = evaluate_depths(model, dataset.rows(np.arange(8)), [1, 3], dataset.pad_id, 8, seed=7)
+    assert sum(t for _, t in sums) == tokens
+    for depth in (1, 3):
+        assert sum(s[depth] for s, _ in sums) / tokens == pytest.approx(whole[depth] / tokens, rel=1e-6)
+        assert first.scalars[f"val/loss_r{depth}"] == pytest.approx(whole[depth] / tokens, rel=1e-6)

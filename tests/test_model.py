@@ -383,3 +383,29 @@ def test_bf16_autocast_keeps_the_state_in_float32():
     assert abs(float(out.loss) - float(reference.loss)) < 2e-2
     half = RecurrentDepthModel(model_config_from_size("debug")).to(torch.bfloat16)
     assert half(x, num_steps=4).latent_state.dtype == torch.bfloat16
+
+
+def test_keyed_initial_state_noise_depends_on_the_row_only():
+    """state_seeds: row b's s_0 comes from a generator seeded with its own seed, whatever else is in
+    the batch and whatever the global generator holds (the run then does not depend on how rows are
+    spread over ranks); the statistics are the paper's (std sqrt(2/5), cut at 3 sigma)."""
+    from rdhpc.model.sampling import TRAIN_NOISE, VALIDATION_NOISE, row_noise_seeds
+
+    model = RecurrentDepthModel(model_config_from_size("debug"))
+    like = torch.empty(3, 16, 64)
+    seeds = row_noise_seeds(0, 5, [10, 11, 12])
+    torch.manual_seed(1)
+    together = model.initial_state(like, 1.0, seeds)
+    torch.manual_seed(2)
+    alone = model.initial_state(like[1:2], 1.0, seeds[1:2])
+    assert torch.equal(together[1], alone[0]) and not torch.equal(together[0], together[1])
+    big = model.initial_state(torch.empty(1, 4096, 64), 1.0, row_noise_seeds(0, 0, [0]))
+    std = math.sqrt(2 / (5 * 64)) * math.sqrt(64)
+    assert float(big.std()) == pytest.approx(std * 0.986, rel=0.02)  # a normal cut at 3 sigma: 0.986 sigma
+    assert float(big.abs().max()) <= 3 * std + 1e-6
+    # a function of (seed, stream, step, row) only
+    assert row_noise_seeds(0, 5, [11]) == seeds[1:2] and row_noise_seeds(1, 5, [11]) != seeds[1:2]
+    assert row_noise_seeds(0, 6, [11]) != seeds[1:2]
+    assert row_noise_seeds(0, 5, [11], VALIDATION_NOISE) != row_noise_seeds(0, 5, [11], TRAIN_NOISE)
+    with pytest.raises(ValueError, match="2 state seeds for a batch of 3 rows"):
+        model.initial_state(like, 1.0, seeds[:2])

@@ -70,7 +70,7 @@ def shards(tmp_path_factory):
 def train_args(shards, run_dir, *overrides):
     args = ["configs/debug.yaml", "--cluster", "local", "--set", f"data.train_dir={shards / 'shards'}",
             "--set", "model.max_seq_len=64", "--set", f"logging.run_dir={run_dir}", "--set", "train.log_interval=10",
-            "--set", "eval.interval=1000", "--set", "eval.batches=1", "--set", "checkpoint.interval=10",
+            "--set", "eval.interval=1000", "--set", "eval.rows=8", "--set", "checkpoint.interval=10",
             "--set", "logging.tensorboard=false"]
     for o in overrides:
         args += ["--set", o]

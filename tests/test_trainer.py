@@ -38,9 +38,9 @@ def launch_command(shards, run_dir, *overrides, nproc=2):
     return command
 
 
-def launch(tmp_path, shards, run_dir, *overrides, nproc=2):
+def launch(tmp_path, shards, run_dir, *overrides, nproc=2, env=None):
     return subprocess.run(launch_command(shards, run_dir, *overrides, nproc=nproc), capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
+                          timeout=600, cwd=REPO, env=env)
 
 
 def losses(run_dir):
@@ -95,7 +95,7 @@ def test_two_ranks_train_checkpoint_and_resume_exactly(tmp_path, shards, straigh
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
     assert [e.step for e in events.Scalars("val/loss_r4")] == [4, 8]
     mfu, tflops = events.Scalars("train/mfu"), events.Scalars("train/tflops_per_gpu")
-    assert all(0 < e.value < 1 for e in mfu)  # honest: a 200k-parameter model on shared cores
+    assert all(0 < e.value < 1 for e in mfu), (peak, [e.value for e in mfu], done.stdout[-3000:])  # honest
     assert [m.value for m in mfu] == pytest.approx([t.value / peak for t in tflops], rel=1e-3)
 
 
@@ -518,25 +518,63 @@ def test_stop_requests_save_and_resume_exactly(tmp_path, shards, straight):
     assert losses(run_dir) == losses(straight[0])
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])  # 2 converts as 1 does (the same ds_to_universal path)
-def test_resume_on_another_number_of_ranks(tmp_path, shards, straight, stage):
-    run_dir = tmp_path / f"resize{stage}"
-    done = launch(None, shards, run_dir, "train.max_steps=4", f"zero.stage={stage}", "checkpoint.interval=100")
+# micro-batches of 2 rows: the global batch of 8 splits over 1, 2 or 4 ranks into the same micro-batches;
+# one CPU thread per rank whatever the rank count, so that the matrix products sum in the same order
+WORLD_SIZE_RUN = ("train.micro_batch_size=2", "eval.interval=100", "checkpoint.interval=4", "train.preflight=false")
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def any_world_size(tmp_path_factory, shards):
+    """8 steps of the same run on 1, 2 and 4 ranks (fp32, ZeRO 1)."""
+    curves = {}
+    for nproc in (1, 2, 4):
+        run_dir = tmp_path_factory.mktemp(f"world{nproc}") / "run"
+        done = launch(None, shards, run_dir, "train.max_steps=8", *WORLD_SIZE_RUN, nproc=nproc, env=ONE_THREAD)
+        assert done.returncode == 0, done.stderr[-3000:]
+        curves[nproc] = [losses(run_dir)[s] for s in range(1, 9)]
+    return curves
+
+
+def test_the_run_does_not_depend_on_its_world_size(any_world_size):
+    """Each row's data (one global permutation), initial-state noise (keyed by seed, step and the
+    row's place in the global batch), depth (from seed and step) and micro-batch are the same on 1,
+    2 or 4 ranks: the losses agree to float rounding (only the order of the gradient sum differs:
+    accumulation over micro-steps on one rank, an all-reduce across ranks)."""
+    assert any_world_size[2] == pytest.approx(any_world_size[1], rel=1e-6)
+    assert any_world_size[4] == pytest.approx(any_world_size[1], rel=1e-6)
+    assert len(set(any_world_size[1])) == 8
+
+
+@pytest.mark.parametrize("stage, before, after", [(1, 2, 1), (1, 1, 2), (1, 4, 2), (2, 2, 1), (0, 2, 1), (3, 2, 1)])
+def test_resume_on_another_number_of_ranks(tmp_path, shards, any_world_size, stage, before, after):
+    """4 steps on `before` ranks, then 4 more on `after`: ZeRO 1-3 convert the checkpoint to
+    DeepSpeed's universal format once, stage 0 loads it as it is, and the run goes on with the
+    losses of the uninterrupted run (to float rounding at stages 0-2)."""
+    # at ZeRO 3, a weight decay that matters: DeepSpeed's universal loader copies group 0's
+    # settings (decay) into the norms' group, which the checkpointer undoes
+    extra = ["optim.weight_decay=0.01", "optim.weight_decay_scaling=schedule"] if stage == 3 else []
+    run_dir = tmp_path / f"resize{stage}-{before}-{after}"
+    common = [f"zero.stage={stage}", *WORLD_SIZE_RUN, *extra]
+    done = launch(None, shards, run_dir, "train.max_steps=4", *common, nproc=before, env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-3000:]
-    reference = losses(straight[0])
-    # fp32 on CPU: stages 0-2 give the very numbers of the ZeRO-1 reference, stage 3 within float rounding
-    if stage < 3:
-        assert losses(run_dir) == {s: reference[s] for s in range(1, 5)}
-    else:
-        assert [losses(run_dir)[s] for s in range(1, 5)] == pytest.approx([reference[s] for s in range(1, 5)], rel=1e-6)
-    done = launch(None, shards, run_dir, "train.max_steps=8", f"zero.stage={stage}", nproc=1)
+    done = launch(None, shards, run_dir, "train.max_steps=8", *common, nproc=after, env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "at step 4 (written by 2 ranks, now 1)" in done.stdout
+    assert f"at step 4 (written by {before} ranks, now {after})" in done.stdout
     assert ("converting it to a universal checkpoint" in done.stdout) == (stage > 0)
-    after = losses(run_dir)
-    # the same rows in the same order and the same optimizer state; only the initial-state noise of
-    # the rows rank 1 used to hold and the order of the gradient sum differ
-    assert [after[s] for s in range(5, 9)] == pytest.approx([reference[s] for s in range(5, 9)], rel=2e-3)
+    resumed = [losses(run_dir)[s] for s in range(1, 9)]
+    if stage < 3:
+        assert resumed == pytest.approx(any_world_size[1], rel=1e-6)
+        return
+    straight = tmp_path / "straight-z3"
+    assert launch(None, shards, straight, "train.max_steps=8", *common, nproc=1, env=ONE_THREAD).returncode == 0
+    reference = [losses(straight)[s] for s in range(1, 9)]
+    # the weights come back exactly (step 5) and so do the moments (checked against a native 1-rank
+    # checkpoint: within 2e-9), yet the first update after a universal load at ZeRO 3 differs by
+    # ~2.5e-6 and the difference grows (2.8e-4 by step 8). Without the group fix: 2.7e-4 at step 6.
+    assert resumed[:5] == pytest.approx(reference[:5], rel=1e-6)
+    assert resumed[5] == pytest.approx(reference[5], rel=2e-5)
+    assert resumed[6:] == pytest.approx(reference[6:], rel=2e-3)
 
 
 def start_ranks(shards, run_dir, *overrides, nproc=2):

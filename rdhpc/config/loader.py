@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from rdhpc.config.schema import MOVED_KEYS, SECTION_NAMES, RunConfig
+from rdhpc.config.schema import CHANGED_MEANING, MOVED_KEYS, SECTION_NAMES, RunConfig
 from rdhpc.errors import ConfigError  # noqa: F401  (defined there, re-exported here)
 from rdhpc.model.config import MODEL_SIZES
 
@@ -155,11 +155,12 @@ def _migrate_moved_keys(raw: dict) -> dict:
     put where they live now. User configs are told instead (`train.val_interval: moved to ...`)."""
     out = {name: dict(values) if isinstance(values, dict) else values for name, values in raw.items()}
     for old, new in MOVED_KEYS.items():
-        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(" ")[0].split(".")
         if isinstance(out.get(old_section), dict) and old_key in out[old_section]:
             value = out[old_section].pop(old_key)
-            out.setdefault(new_section, {})
-            out[new_section].setdefault(new_key, value)
+            if old not in CHANGED_MEANING:
+                out.setdefault(new_section, {})
+                out[new_section].setdefault(new_key, value)
     return out
 
 

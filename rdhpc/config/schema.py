@@ -206,11 +206,13 @@ class EvalConfig:
     depths: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
     """Fixed depths of the validation loss (`val/loss_r{r}`): the live test-time scaling curve. One
     trajectory to the deepest depth serves them all."""
-    batches: int = 16
-    """Micro-batches of validation rows per rank per evaluation."""
+    rows: int = 4096
+    """Validation rows per evaluation over all ranks (the first `rows` of the split, cut into one
+    contiguous slice per rank): the same rows, with the same noise, whatever the rank count. The
+    paper's run evaluated one row per rank (4096)."""
 
     def problems(self, prefix="eval"):
-        out = check_bounds(self, prefix, positive=("interval", "batches"))
+        out = check_bounds(self, prefix, positive=("interval", "rows"))
         if not self.depths:
             out.append(f"{prefix}.depths: give at least one depth")
         bad_depths = [d for d in self.depths if d < 1]
@@ -408,4 +410,6 @@ class RunConfig:
 SECTION_NAMES = ("model", "data", "optim", "schedule", "train", "eval", "zero", "checkpoint", "logging", "slurm")
 # Keys that moved to another section: a config that still sets one is told where it went.
 MOVED_KEYS = {"train.val_interval": "eval.interval", "train.val_depths": "eval.depths",
-              "train.val_batches": "eval.batches"}
+              "train.val_batches": "eval.rows (validation rows over all ranks, not micro-batches per rank)"}
+# Moved keys whose new home means something else: a config rdhpc wrote earlier drops them.
+CHANGED_MEANING = {"train.val_batches"}

@@ -5,8 +5,9 @@
 
 One pass per batch serves every depth: the core is iterated up to the largest depth and the coda and
 head read the state out at each requested depth, so a sweep costs the deepest depth once, not the sum
-of the depths. The initial state is seeded (the same noise for every depth, as the trainer's
-validation) or zero with --init-scale 0. Losses are token-weighted means over labels that are not
+of the depths. The initial state is seeded noise keyed by each row's index (the same for every
+depth, and the same as the trainer's in-loop validation draws for that row) or zero with
+--init-scale 0. Losses are token-weighted means over labels that are not
 padding. Writes a table (stdout), `eval.json`, `loss_vs_depth.png` (log-x) and TensorBoard scalars
 (`eval/loss` and `eval/perplexity` with the depth as the step; `eval/loss_r{r}` at the checkpoint's
 training step, so evaluating several checkpoints into one folder draws the curves over training).
@@ -74,30 +75,50 @@ def parse_depths(text: str) -> list[int]:
 
 @torch.no_grad()
 def loss_by_depth(model, inputs: torch.Tensor, labels: torch.Tensor, depths: list[int],
-                  init_scale: float = 1.0) -> dict[int, tuple[float, int]]:
+                  init_scale: float = 1.0, state_seeds=None) -> dict[int, tuple[float, int]]:
     """{depth: (summed token loss, counted tokens)} of one batch, all depths from one trajectory
     (the model's forward with `readout_depths`). `model` may be the DeepSpeed engine: its forward
-    gathers ZeRO-3's partitioned weights."""
-    out = model(inputs, labels=labels, init_scale=init_scale, readout_depths=depths)
+    gathers ZeRO-3's partitioned weights. `state_seeds`: per-row noise seeds (validation_seeds)."""
+    out = model(inputs, labels=labels, init_scale=init_scale, readout_depths=depths, state_seeds=state_seeds)
     count = int(out.num_label_tokens)
     return {d: (float(out.depth_losses[d]), count) for d in depths}
 
 
-def evaluate_depths(model: RecurrentDepthModel, rows: np.ndarray, depths: list[int], pad_id: int,
-                    batch_size: int = 8, init_scale: float = 1.0, seed: int = 0,
-                    device: str | torch.device = "cpu") -> DepthCurve:
+def validation_seeds(seed: int, rows) -> list[int]:
+    """The initial-state noise seeds of validation rows, keyed by their index in the split: the
+    trainer's in-loop validation and `rdhpc eval` draw the same noise for the same row."""
+    from rdhpc.model.sampling import VALIDATION_NOISE, row_noise_seeds
+
+    return row_noise_seeds(seed, 0, rows, VALIDATION_NOISE)
+
+
+def evaluate_depths(model, rows: np.ndarray, depths: list[int], pad_id: int, batch_size: int = 8,
+                    init_scale: float = 1.0, seed: int = 0, device: str | torch.device = "cpu",
+                    first_row: int = 0, real_rows: int | None = None) -> tuple[dict[int, float], int]:
+    """({depth: summed token loss}, counted tokens) of `rows`, the rows first_row, first_row + 1, ...
+    of the split, in batches of `batch_size`, each row's noise keyed by its index. Rows from
+    `real_rows` on are fillers: they run (every rank must run as many forwards under ZeRO 3) but
+    count nothing."""
     from rdhpc.data.loader import inputs_and_labels
+    from rdhpc.model.recurrent_depth import IGNORE_INDEX
 
     totals = {d: 0.0 for d in depths}
     tokens = 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(rows), batch_size):
-            inputs, labels = inputs_and_labels(rows[start:start + batch_size], pad_id)
-            batch = loss_by_depth(model, inputs.to(device), labels.to(device), depths, init_scale)
-            for d, (loss, count) in batch.items():
-                totals[d] += loss
-            tokens += batch[depths[0]][1]
+    real_rows = len(rows) if real_rows is None else real_rows
+    for start in range(0, len(rows), batch_size):
+        inputs, labels = inputs_and_labels(rows[start:start + batch_size], pad_id)
+        labels[max(0, real_rows - start):] = IGNORE_INDEX
+        seeds = validation_seeds(seed, range(first_row + start, first_row + start + len(inputs)))
+        batch = loss_by_depth(model, inputs.to(device), labels.to(device), depths, init_scale, seeds)
+        for d, (loss, count) in batch.items():
+            totals[d] += loss
+        tokens += batch[depths[0]][1]
+    return totals, tokens
+
+
+def depth_curve(model, rows: np.ndarray, depths: list[int], pad_id: int, batch_size: int = 8,
+                init_scale: float = 1.0, seed: int = 0, device: str | torch.device = "cpu") -> DepthCurve:
+    totals, tokens = evaluate_depths(model, rows, depths, pad_id, batch_size, init_scale, seed, device)
     if tokens == 0:
         raise EvalError("the evaluation rows hold no tokens to predict (all padding)")
     return DepthCurve(depths, {d: totals[d] / tokens for d in depths}, tokens, len(rows),
@@ -169,7 +190,7 @@ def run_eval(checkpoint: str, data: str, depths: list[int], out: str | None = No
         if tokenizer_sha256(loaded.tokenizer) != dataset.manifest.tokenizer.sha256:
             log(f"[eval] warning: {data} was made with another tokenizer than the checkpoint's ({loaded.tokenizer})")
     rows = dataset.rows(np.arange(min(max_rows, len(dataset))))
-    curve = evaluate_depths(model, rows, depths, dataset.pad_id, batch_size, init_scale, seed, device)
+    curve = depth_curve(model, rows, depths, dataset.pad_id, batch_size, init_scale, seed, device)
     curve.checkpoint, curve.step, curve.data, curve.split = str(loaded.path), loaded.step, str(data), split
     if out is None:
         if loaded.kind == "deepspeed":  # RUN/checkpoints/stepN -> RUN/eval/stepN

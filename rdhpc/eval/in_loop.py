@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from rdhpc.eval.depth_eval import loss_by_depth
+from rdhpc.eval.depth_eval import evaluate_depths
 
 
 @dataclass
@@ -36,18 +36,13 @@ class Evaluator(Protocol):
     def evaluate(self, forward: Callable, step: int) -> EvalResult: ...
 
 
-def rng_devices(device: torch.device) -> list:
-    """The generators a forward on `device` draws from besides the CPU's: fork_rng(devices=[])
-    saves only the CPU generator, and a GPU's noise would then change after every evaluation."""
-    return [device] if device.type == "cuda" else []
-
-
 class DepthLossEvaluator:
-    """Validation loss at fixed depths (`eval.depths`): the live test-time scaling curve. Each rank
-    evaluates `eval.batches` micro-batches of its own validation rows; summed losses and token counts
-    are reduced over ranks, so the result is the token-weighted mean over all ranks' rows (what
-    `rdhpc eval` reports on the same rows). The initial-state noise is seeded from `seed` at every
-    evaluation, inside a forked RNG, so evaluating never shifts the training streams."""
+    """Validation loss at fixed depths (`eval.depths`): the live test-time scaling curve, on the
+    first `eval.rows` rows of the validation split, one contiguous slice per rank. Every row's
+    initial-state noise is keyed by its index (rdhpc.eval.depth_eval.validation_seeds), so the rows,
+    their noise and the token-weighted result are the same on any number of ranks, equal to
+    `rdhpc eval` on the same rows; no global generator is drawn from, so evaluating never shifts
+    the training streams."""
 
     name = "val"
 
@@ -58,27 +53,22 @@ class DepthLossEvaluator:
         self.micro_batch_size = micro_batch_size
         self.sum_over_ranks = sum_over_ranks
         self.seed = seed
-        rows_per_rank = config.batches * micro_batch_size
-        self.indices = (np.arange(rows_per_rank) + rank * rows_per_rank) % len(dataset)
+        per_rank = -(-config.rows // world_size)
+        self.first_row = min(rank * per_rank, config.rows)
+        self.real_rows = min(per_rank, config.rows - self.first_row)
+        # every rank runs the same number of forwards (ZeRO 3 gathers weights in each): a rank with
+        # fewer rows fills its last batch with rows that count nothing
+        padded = -(-per_rank // micro_batch_size) * micro_batch_size
+        self.indices = (self.first_row + np.arange(padded)) % len(dataset)
 
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.config.interval == 0
 
     @torch.no_grad()
     def evaluate(self, forward: Callable, step: int) -> EvalResult:
-        from rdhpc.data.loader import inputs_and_labels
-
-        rows = self.dataset.rows(self.indices)
-        totals = {d: 0.0 for d in self.depths}
-        tokens = 0
-        with torch.random.fork_rng(devices=rng_devices(self.device)):
-            torch.manual_seed(self.seed)  # the same initial-state noise at every evaluation
-            for start in range(0, len(rows), self.micro_batch_size):
-                inputs, labels = inputs_and_labels(rows[start:start + self.micro_batch_size], self.dataset.pad_id)
-                batch = loss_by_depth(forward, inputs.to(self.device), labels.to(self.device), self.depths)
-                for depth, (loss, count) in batch.items():
-                    totals[depth] += loss
-                tokens += batch[self.depths[0]][1]
+        totals, tokens = evaluate_depths(forward, self.dataset.rows(self.indices), self.depths, self.dataset.pad_id,
+                                         self.micro_batch_size, seed=self.seed, device=self.device,
+                                         first_row=self.first_row, real_rows=self.real_rows)
         *sums, tokens = self.sum_over_ranks([totals[d] for d in self.depths] + [float(tokens)])
         losses = {d: s / max(tokens, 1.0) for d, s in zip(self.depths, sums)}
         return EvalResult({f"val/loss_r{d}": v for d, v in losses.items()},

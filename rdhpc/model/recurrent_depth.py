@@ -118,12 +118,23 @@ class RecurrentDepthModel(nn.Module):
             raise ValueError(f"num_steps (without grad, with grad) must be >= 0 with a positive sum, got {num_steps}")
         return n_no_grad, n_grad
 
-    def initial_state(self, like: torch.Tensor, init_scale: float = 1.0) -> torch.Tensor:
+    def initial_state(self, like: torch.Tensor, init_scale: float = 1.0, state_seeds=None) -> torch.Tensor:
         """s_0: truncated normal of std sqrt(2/(5h)), times the embedding scale (effective std
-        sqrt(2/5)); init_scale=0 gives the zero state that makes the forward deterministic."""
+        sqrt(2/5)); init_scale=0 gives the zero state that makes the forward deterministic.
+        `state_seeds` (one int per row): row b's noise comes from a generator seeded with
+        state_seeds[b] alone, whatever else is in the batch; None draws from the global generator."""
         if init_scale == 0:
             return torch.zeros_like(like)
-        state = _trunc_normal_(torch.empty(like.shape, device=like.device, dtype=torch.float32), self.config.init_std)
+        state = torch.empty(like.shape, device=like.device, dtype=torch.float32)
+        if state_seeds is None:
+            _trunc_normal_(state, self.config.init_std)
+        else:
+            if len(state_seeds) != like.shape[0]:
+                raise ValueError(f"{len(state_seeds)} state seeds for a batch of {like.shape[0]} rows")
+            for row, seed in zip(state, state_seeds):
+                generator = torch.Generator(device=like.device).manual_seed(int(seed))
+                nn.init.trunc_normal_(row, mean=0.0, std=self.config.init_std, a=-3 * self.config.init_std,
+                                      b=3 * self.config.init_std, generator=generator)
         return (state * (self.config.embedding_scale * init_scale)).to(like.dtype)
 
     def rope(self, num_positions: int, device) -> torch.Tensor:
@@ -200,16 +211,18 @@ class RecurrentDepthModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, num_steps=None, labels: torch.Tensor | None = None,
                 init_scale: float = 1.0, input_states: torch.Tensor | None = None,
-                return_logits: bool = True, readout_depths: list[int] | None = None) -> ModelOutput:
+                return_logits: bool = True, readout_depths: list[int] | None = None,
+                state_seeds=None) -> ModelOutput:
         """`readout_depths` (evaluation, needs labels, runs without gradient): the loss at each of
         these depths from ONE trajectory: the core runs to the deepest, the coda and head read the
-        state out at each requested depth; `num_steps` is then ignored."""
+        state out at each requested depth; `num_steps` is then ignored. `state_seeds`: per-row
+        seeds of the initial-state noise (see `initial_state`)."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len = {self.config.max_seq_len}")
         rope = self.rope(T, input_ids.device)
         embedded = self.embed(input_ids, rope)
-        state = input_states if input_states is not None else self.initial_state(embedded, init_scale)
+        state = input_states if input_states is not None else self.initial_state(embedded, init_scale, state_seeds)
         if readout_depths:
             return self._losses_by_depth(state, embedded, rope, labels, readout_depths)
         steps = self.resolve_num_steps(num_steps)

@@ -1,7 +1,10 @@
-"""Training depth per optimizer step: the log-normal Poisson sampler, seeded from the step.
+"""What a training step draws at random, as functions of (seed, step): the depth (the log-normal
+Poisson sampler) and the seeds of every row's initial-state noise.
 
 Seeding from (seed, step) instead of a running generator means every rank draws the same depth
-without communicating, and a resumed run repeats the draws of the interrupted one exactly.
+without communicating, and a resumed run repeats the draws of the interrupted one exactly. The
+noise of a row is keyed by its position in the global batch, so it does not depend on how the
+rows are spread over ranks: the run is a function of its config, not of its world size.
 """
 
 from __future__ import annotations
@@ -10,6 +13,21 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+
+# Streams of row noise: training rows at a step, validation rows (keyed by their row index).
+TRAIN_NOISE, VALIDATION_NOISE = 0, 1
+
+
+def row_noise_seeds(seed: int, step: int, rows, stream: int = TRAIN_NOISE) -> list[int]:
+    """One 63-bit generator seed per row: a function of (seed, stream, step, row) only, where `row`
+    is the row's position in the global batch (training) or its index in the split (validation).
+    NumPy's SeedSequence, as the depth sampler's: about 10 us per row, once per row and step."""
+    return [int(np.random.SeedSequence([seed & _MASK64, stream, step, int(row)]).generate_state(1, np.uint64)[0] >> 1)
+            for row in rows]
+
+
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,15 @@ class Checkpointer:
     def load(self, engine, point: ResumePoint, reseed) -> dict:
         """Load the engine's state and this rank's RNG state; return the trainer state. A rank the
         checkpoint did not have calls `reseed()` for a fresh stream."""
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in inner.param_groups]
         engine.load_checkpoint(str(point.folder), tag=point.load_tag)
+        if point.universal:
+            # DeepSpeed 0.19's universal loader at ZeRO 3 copies parameter group 0's settings into
+            # every group (weight decay reached the norms: a resize then drifted by 3e-4 in 3 steps).
+            # The groups' settings are the config's; the state (moments, step) is the checkpoint's.
+            for group, own in zip(inner.param_groups, settings):
+                group.update(own)
         rng = rng_file(point.path, self.rank)
         if rng.exists():
             # tensors only: an RNG state file never needs to run code to be read

@@ -35,6 +35,7 @@ from rdhpc.distributed.collectives import any_rank, is_collective_failure, mean_
 from rdhpc.errors import ConfigError, UserError
 from rdhpc.eval.in_loop import DepthLossEvaluator
 from rdhpc.model import DepthSampler, RecurrentDepthModel
+from rdhpc.model.sampling import row_noise_seeds
 from rdhpc.run_folder import STOP_AT_VARIABLE, RunFolder
 from rdhpc.train.checkpoint import DEEPSPEED_CONFIG, RUN_CONFIG, Checkpointer
 from rdhpc.train.engine import attention_kernels, build_engine, quiet_deepspeed_deprecations, skip_deepspeed_shm_op
@@ -156,7 +157,9 @@ class Trainer:
         self.evaluators = [DepthLossEvaluator(self.val_dataset, run.eval, run.train.micro_batch_size, self.ranks.rank,
                                               self.ranks.world_size, self.device,
                                               lambda values: sum_over_ranks(values, self.device), seed=run.train.seed)]
-        torch.manual_seed(run.train.seed + 1000 * self.ranks.rank)  # initial-state noise differs per rank
+        # the step draws its noise from per-row generators (row_noise_seeds); the global stream is
+        # seeded per rank for anything else that might draw from it
+        torch.manual_seed(run.train.seed + 1000 * self.ranks.rank)
         if self.ranks.is_main:
             save_config(run, self.folder.root)
             self.folder.deepspeed_config.write_text(json.dumps(self.ds_config, indent=2))
@@ -256,10 +259,15 @@ class Trainer:
         self.heartbeat.progress(self.step + 1, "forward/backward")
         micro_losses = []
         skipped_before = self.engine.skipped_steps
+        row = self.ranks.rank * self.loader.per_rank  # this rank's first row in the global batch
         for inputs, labels in step_batches:
+            # each row's initial-state noise is keyed by (seed, step, its place in the global batch):
+            # the same for any spread of the rows over ranks
+            seeds = row_noise_seeds(self.run.train.seed, self.step, range(row, row + len(inputs)))
+            row += len(inputs)
             with self.attention_kernels():
                 out = self.engine(inputs.to(self.device), num_steps=(n_no_grad, n_grad),
-                                  labels=labels.to(self.device), return_logits=False)
+                                  labels=labels.to(self.device), return_logits=False, state_seeds=seeds)
             loss_for_backward = out.loss
             if self.step + 1 in self.nan_steps and self.ranks.is_main:
                 loss_for_backward = out.loss * float("nan")
