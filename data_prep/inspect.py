@@ -38,16 +38,23 @@ def inspect(folder: str | Path, rows: int = 3, split: str = "train", log=print) 
         if tokenizer.sha256 != manifest.tokenizer.sha256:
             log(f"[inspect] {manifest.tokenizer.path} changed since the shards were made: showing ids only")
             tokenizer = None
+    vocab = manifest.tokenizer.vocab_size
     reader = open_shard(folder, shards[0], manifest)
     for index in range(min(rows, len(reader))):
         row = reader.row(index)
+        if int(row.max()) >= vocab:
+            raise ShardError(f"{reader.path}: row {index} holds token id {int(row.max())}, beyond the vocabulary of "
+                             f"{vocab}: a corrupted or foreign shard (`rdhpc prep verify` checks every row)")
         log(f"--- {shards[0].file} row {index}: {len(row)} tokens, {int((row == manifest.tokenizer.bos_id).sum())} "
             f"document start(s), {int((row == manifest.tokenizer.pad_id).sum())} pad")
         log(tokenizer.decode(row) if tokenizer else " ".join(map(str, row[:200])))
-    counts = np.zeros(manifest.tokenizer.vocab_size, dtype=np.int64)
+    counts = np.zeros(vocab, dtype=np.int64)
     for entry in shards:
-        counts += np.bincount(open_shard(folder, entry, manifest).all_rows().reshape(-1).astype(np.int64),
-                              minlength=manifest.tokenizer.vocab_size)
+        tokens = open_shard(folder, entry, manifest).all_rows().reshape(-1)
+        if tokens.size and int(tokens.max()) >= vocab:
+            raise ShardError(f"{folder / entry.file}: holds token id {int(tokens.max())}, beyond the vocabulary of "
+                             f"{vocab}: a corrupted or foreign shard")
+        counts += np.bincount(tokens.astype(np.int64), minlength=vocab)
     used = int((counts > 0).sum())
     log(f"--- token histogram over {split}: {used} of {manifest.tokenizer.vocab_size} ids used; most frequent:")
     for token in np.argsort(-counts)[:10]:

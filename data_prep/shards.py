@@ -17,6 +17,7 @@ and produces the same bytes. Rank 0 writes manifest.json last; its presence mean
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -109,6 +110,59 @@ def output_fingerprint(settings: ShardSettings, sources, tokenizer: TextTokenize
     }
 
 
+def input_signature(sources) -> dict:
+    """What identifies each input file's content cheaply: size, modification time (ns) and a hash
+    of its first and last 64 KiB. A file edited in place to the same size changes the time (and,
+    where the edit is near either end, the hash): its finished pieces and shards are stale."""
+    import hashlib
+
+    signature = {}
+    for source in sources:
+        for path in source.files:
+            stat = os.stat(path)
+            digest = hashlib.blake2b(digest_size=16)
+            with open(path, "rb") as f:
+                digest.update(f.read(1 << 16))
+                if stat.st_size > 1 << 17:
+                    f.seek(-(1 << 16), os.SEEK_END)
+                    digest.update(f.read(1 << 16))
+            signature[f"{source.name}/{source.key_names[path]}"] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+    return signature
+
+
+def changed_inputs(before: dict, now: dict) -> list[str]:
+    """What differs between two input signatures (empty when `before` is empty: folders made
+    before inputs were recorded cannot be checked)."""
+    if not before:
+        return []
+    out = []
+    for name in sorted(set(before) | set(now)):
+        if name not in now:
+            out.append(f"{name} is no longer an input")
+        elif name not in before:
+            out.append(f"{name} is a new input")
+        elif before[name] != now[name]:
+            what = ["size", "modification time", "content"]
+            out.append(f"{name}: {', '.join(w for w, a, b in zip(what, before[name], now[name]) if a != b)} changed")
+    return out
+
+
+def _read_work_settings(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_our_work(work: Path) -> bool:
+    """The .work folder is this command's own: it holds our settings file (or nothing yet)."""
+    if not work.exists():
+        return True
+    names = {p.name for p in work.iterdir()}
+    return "settings" in _read_work_settings(work / "settings.json") or names <= {"settings.json.tmp"}
+
+
 # ---- stage 1: tokenize one piece -----------------------------------------------------------------
 
 _worker_state: dict = {}
@@ -116,6 +170,8 @@ _worker_state: dict = {}
 
 def load_tokenizer(path: str) -> TextTokenizer:
     """One TextTokenizer per process and file content (loading checks the fast encoder: ~0.4 s)."""
+    if not Path(path).is_file():
+        raise InputError(f"--tokenizer {path}: no such file (make one with `rdhpc prep tokenizer`)")
     stat = os.stat(path)
     key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _tokenizers:
@@ -354,34 +410,60 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
     if unknown:
         raise InputError(f"--keep-all {' '.join(unknown)}: no input source of that name (sources: "
                          f"{', '.join(s.name for s in sources)}; name them with --input NAME=PATH)")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file, not a folder for shards")
     tokenizer = load_tokenizer(settings.tokenizer)
     fingerprint = output_fingerprint(settings, sources, tokenizer)
+    inputs = input_signature(sources)
     show = ranks.is_main and sys.stderr.isatty() or os.environ.get("RDHPC_PROGRESS") == "1"
 
     if (out / "manifest.json").exists():
         manifest = read_manifest(out)
-        if manifest.settings == fingerprint:
-            if ranks.is_main:
+        if manifest.settings != fingerprint:
+            raise PrepError(f"{out}: holds shards made with other settings "
+                            f"({', '.join(k for k in fingerprint if manifest.settings.get(k) != fingerprint[k])} "
+                            "differ); use another --out or delete the folder")
+        changed = changed_inputs(manifest.inputs, inputs)
+        if changed:
+            raise PrepError(f"{out}: its shards were made from inputs that have changed since: "
+                            f"{'; '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}. Delete the folder (or "
+                            f"choose another --out) to make them again")
+        if ranks.is_main:
+            if _is_our_work(work):
                 shutil.rmtree(work, ignore_errors=True)
-                log(f"[prep] nothing to do: {out} already holds these shards "
-                    f"({manifest.totals('train')['rows']} train rows, {manifest.totals('val')['rows']} val rows)")
-            return out
-        raise PrepError(f"{out}: holds shards made with other settings "
-                        f"({', '.join(k for k in fingerprint if manifest.settings.get(k) != fingerprint[k])} differ); "
-                        "use another --out or delete the folder")
+            log(f"[prep] nothing to do: {out} already holds these shards "
+                f"({manifest.totals('train')['rows']} train rows, {manifest.totals('val')['rows']} val rows)")
+        return out
 
     settings_file = work / "settings.json"
+    expected = {"settings": fingerprint, "inputs": inputs}
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if settings_file.exists() and json.loads(settings_file.read_text()) != fingerprint:
-            raise PrepError(f"{out}: an unfinished run with other settings is in it; use another --out or delete it")
+        if work.exists() and not _is_our_work(work):
+            raise PrepError(f"{work}: exists and was not made by `rdhpc prep shards` (no {settings_file.name} of "
+                            f"ours in it); move it away or choose another --out: nothing was deleted")
+        if settings_file.exists():
+            before = _read_work_settings(settings_file)
+            if before.get("settings") != fingerprint:
+                raise PrepError(f"{out}: an unfinished run with other settings is in it; use another --out or "
+                                f"delete it")
+            changed = changed_inputs(before.get("inputs", {}), inputs)
+            if changed:
+                log(f"[prep] the inputs changed since the interrupted run ({'; '.join(changed[:3])}): "
+                    f"starting over (the unfinished {work} was this command's own)")
+                shutil.rmtree(work)
         for stale in work.glob("FAILED-rank*"):
             stale.unlink()
-        _write_json_atomic(settings_file, fingerprint)
+        _write_json_atomic(settings_file, expected)
     else:
-        _wait_for([settings_file], work, "start", settings.wait_timeout)
-        if json.loads(settings_file.read_text()) != fingerprint:
-            raise PrepError(f"rank {ranks.rank}: inputs or settings differ from rank 0's")
+        deadline = time.monotonic() + settings.wait_timeout
+        while True:  # rank 0 may be rewriting it (inputs changed since an interrupted run)
+            _wait_for([settings_file], work, "start", settings.wait_timeout)
+            if _read_work_settings(settings_file) == expected:
+                break
+            if time.monotonic() > deadline:
+                raise PrepError(f"rank {ranks.rank}: inputs or settings differ from rank 0's")
+            time.sleep(0.2)
     # Alone, nothing can still be coming: a missing output is an error at once, not a wait.
     wait_timeout = settings.wait_timeout if ranks.world_size > 1 else 0.0
     workers = _Workers(settings)
@@ -424,19 +506,29 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
             return out  # rank 0 gathers the shards' counts and may delete .work as soon as all exist
         _wait_for(shard_stats, work, "pack", wait_timeout)
     except BaseException as exc:
-        (work / f"FAILED-rank{ranks.rank}").write_text(f"{type(exc).__name__}: {exc}\n")
+        try:
+            (work / f"FAILED-rank{ranks.rank}").write_text(f"{type(exc).__name__}: {exc}\n")
+        except OSError:  # e.g. the full disk that made it fail
+            pass
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise PrepError(f"no space left on the device of {out} ({exc.filename or exc}): the pieces and shards "
+                            f"already finished in {work} are kept; free space and run the same command again, it "
+                            f"goes on from there") from exc
         raise
     finally:
         workers.close()
 
     entries = [json.loads(p.read_text()) for p in shard_stats]
     report = _report(stats, entries, sources)
+    changed = changed_inputs(inputs, input_signature(sources))  # edited while this command read them
+    if changed:
+        raise PrepError(f"the inputs changed while they were read ({'; '.join(changed[:3])}); run the command again")
     manifest = Manifest(
         seq_len=settings.seq_len, dtype=token_dtype(tokenizer.vocab_size), pack=settings.pack,
         tokenizer=TokenizerInfo(str(Path(settings.tokenizer).resolve()), tokenizer.sha256, tokenizer.vocab_size,
                                 tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id),
         shards=[ShardEntry(**{k: e[k] for k in ShardEntry.__dataclass_fields__}) for e in entries],
-        settings=fingerprint, command=list(command or sys.argv), report=report)
+        settings=fingerprint, command=list(command or sys.argv), report=report, inputs=inputs)
     manifest.write(out)
     shutil.rmtree(work, ignore_errors=True)
     train, val = manifest.totals("train"), manifest.totals("val")

@@ -34,6 +34,25 @@ class InputError(UserError, ValueError):
     pass
 
 
+class _CorruptFile(Exception):
+    """A compressed or parquet file that cannot be read on from `offset` (decompressed bytes)."""
+
+    def __init__(self, offset: int | None, reason: str, line: int | None = None):
+        super().__init__(reason)
+        self.offset, self.reason, self.line = offset, reason, line
+
+
+def _stream_errors():
+    """What decompressing or reading a broken file raises: a truncated or foreign gzip stream, a
+    .zst that is not zstd, a parquet file that is empty or damaged."""
+    import zlib
+
+    import pyarrow
+    import zstandard
+
+    return (EOFError, OSError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError, pyarrow.ArrowException)
+
+
 @dataclass
 class Problem:
     file: str
@@ -140,8 +159,8 @@ def parse_sources(inputs: list[str], weights: list[str] = ()) -> list[Source]:
             parsed_weights[name] = float(value)
         except ValueError:
             raise InputError(f"--weight {spec}: {value!r} is not a number") from None
-        if not parsed_weights[name] > 0:
-            raise InputError(f"--weight {spec}: the weight must be > 0")
+        if not 0 < parsed_weights[name] < float("inf"):
+            raise InputError(f"--weight {spec}: the weight must be a finite number > 0")
     sources = [Source(name, sorted(set(files)), parsed_weights.get(name, 1.0), key_names[name])
                for name, files in sorted(by_name.items())]
     seen = {}
@@ -175,7 +194,11 @@ def plan_pieces(sources: list[Source], piece_bytes: int) -> list[Piece]:
             elif fmt == ".parquet":
                 import pyarrow.parquet as pq
 
-                for group in range(max(pq.ParquetFile(path).num_row_groups, 1)):
+                try:
+                    groups = pq.ParquetFile(path).num_row_groups
+                except _stream_errors():  # reported by the piece that reads it (iter_piece)
+                    groups = 1
+                for group in range(max(groups, 1)):
                     pieces.append(Piece(index, path, group, group + 1))
             else:
                 pieces.append(Piece(index, path))
@@ -220,18 +243,23 @@ def _open_jsonl(path: str):
 def _jsonl_lines(piece: Piece) -> Iterator[tuple[int, bytes]]:
     """(byte offset, raw line) of the lines that START inside [start, end). Offsets, unlike line
     numbers, need nothing read before the piece: a piece deep in a 100 GB file starts at once."""
-    with _open_jsonl(piece.file) as stream:
-        position = 0
-        if piece.start > 0:  # only plain .jsonl files are cut, so only they seek
-            stream.seek(piece.start - 1)
-            if stream.read(1) != b"\n":
-                stream.readline()  # finish the line that started before our range
-            position = stream.tell()
-        for raw in stream:
-            if piece.end >= 0 and position >= piece.end:
-                break
-            yield position, raw
-            position += len(raw)
+    position = lines = 0
+    try:
+        with _open_jsonl(piece.file) as stream:
+            if piece.start > 0:  # only plain .jsonl files are cut, so only they seek
+                stream.seek(piece.start - 1)
+                if stream.read(1) != b"\n":
+                    stream.readline()  # finish the line that started before our range
+                position = stream.tell()
+            for raw in stream:
+                if piece.end >= 0 and position >= piece.end:
+                    break
+                yield position, raw
+                position += len(raw)
+                lines += 1
+    except _stream_errors() as exc:
+        # compressed files are read whole (never cut), so the lines counted are the file's
+        raise _CorruptFile(position, f"{type(exc).__name__}: {exc}", lines + 1 if piece.start == 0 else None) from None
 
 
 def resolve_lines(problems: list[Problem]) -> None:
@@ -244,16 +272,19 @@ def resolve_lines(problems: list[Problem]) -> None:
     for path, pending in by_file.items():
         pending.sort(key=lambda p: p.offset)
         newlines, consumed, index = 0, 0, 0
-        with _open_jsonl(path) as stream:
-            while index < len(pending):
-                chunk = stream.read(1 << 24)
-                while index < len(pending) and (not chunk or pending[index].offset < consumed + len(chunk)):
-                    pending[index].line = newlines + chunk[:pending[index].offset - consumed].count(b"\n") + 1
-                    index += 1
-                if not chunk:
-                    break
-                newlines += chunk.count(b"\n")
-                consumed += len(chunk)
+        try:
+            with _open_jsonl(path) as stream:
+                while index < len(pending):
+                    chunk = stream.read(1 << 24)
+                    while index < len(pending) and (not chunk or pending[index].offset < consumed + len(chunk)):
+                        pending[index].line = newlines + chunk[:pending[index].offset - consumed].count(b"\n") + 1
+                        index += 1
+                    if not chunk:
+                        break
+                    newlines += chunk.count(b"\n")
+                    consumed += len(chunk)
+        except _stream_errors():  # a corrupt file: lines from its readable part; the rest keep their byte offset
+            pass
 
 
 def read_piece(piece: Piece, text_field: str = "text") -> ReadResult:
@@ -268,8 +299,23 @@ def read_piece(piece: Piece, text_field: str = "text") -> ReadResult:
 
 
 def iter_piece(piece: Piece, text_field: str = "text", batch_bytes: int = 4 << 20) -> Iterator[ReadResult]:
-    """The documents of a piece in batches of about batch_bytes, so reading can overlap encoding."""
-    result = ReadResult()
+    """The documents of a piece in batches of about batch_bytes, so reading can overlap encoding.
+    A file that cannot be read on (a truncated or foreign compressed stream, a broken parquet file)
+    ends with a Problem naming it; the documents read before the damage stay, one bad file never
+    stops the corpus (--strict makes any problem fatal)."""
+    state = {"result": ReadResult()}
+    try:
+        yield from _iter_piece(piece, text_field, batch_bytes, state)
+    except _CorruptFile as exc:  # the documents of the batch under way stay, then the problem
+        result = state["result"]
+        line = exc.line if exc.line is not None else (None if exc.offset is not None else 0)
+        result.problems.append(Problem(piece.file, line, f"unreadable from here on, the rest of the file is skipped "
+                                                         f"({exc.reason})", exc.offset))
+        yield result
+
+
+def _iter_piece(piece: Piece, text_field: str, batch_bytes: int, state: dict) -> Iterator[ReadResult]:
+    result = state["result"]
     fmt = file_format(piece.file)
     if fmt == ".txt":
         data = Path(piece.file).read_bytes()
@@ -286,7 +332,10 @@ def iter_piece(piece: Piece, text_field: str = "text", batch_bytes: int = 4 << 2
     elif fmt == ".parquet":
         import pyarrow.parquet as pq
 
-        parquet = pq.ParquetFile(piece.file)
+        try:
+            parquet = pq.ParquetFile(piece.file)
+        except _stream_errors() as exc:
+            raise _CorruptFile(None, f"not a readable parquet file: {type(exc).__name__}: {exc}") from None
         if text_field not in parquet.schema_arrow.names:
             columns = parquet.schema_arrow.names
             result.problems.append(Problem(piece.file, 0, f"no column {text_field!r} (columns: {columns})"))
@@ -294,7 +343,10 @@ def iter_piece(piece: Piece, text_field: str = "text", batch_bytes: int = 4 << 2
             return
         first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(piece.start))
         if parquet.num_row_groups:
-            column = parquet.read_row_group(piece.start, columns=[text_field]).column(0).to_pylist()
+            try:
+                column = parquet.read_row_group(piece.start, columns=[text_field]).column(0).to_pylist()
+            except _stream_errors() as exc:
+                raise _CorruptFile(None, f"row group {piece.start}: {type(exc).__name__}: {exc}") from None
             for offset, text in enumerate(column):
                 row = first_row + offset
                 if _check_text(text, piece.file, row + 1, text_field, result):
@@ -314,7 +366,7 @@ def iter_piece(piece: Piece, text_field: str = "text", batch_bytes: int = 4 << 2
                         result.texts.append(record[text_field])
                         if result.bytes_read >= batch_bytes:
                             yield result
-                            result = ReadResult()
+                            result = state["result"] = ReadResult()
                         continue
                 except ValueError:
                     pass

@@ -47,6 +47,9 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, sample_
 
     if vocab_size <= 256 + NUM_SPECIAL_SLOTS:
         raise InputError(f"--vocab-size {vocab_size}: must exceed 256 bytes + {NUM_SPECIAL_SLOTS} special tokens")
+    out = Path(out)
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder; give the tokenizer file to write, e.g. {out / 'tokenizer.json'}")
     tokenizer = Tokenizer(models.BPE())
     # No normalizer: every document must round-trip byte for byte.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -65,9 +68,10 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, sample_
         raise InputError(f"the sample ({stats.get('bytes', 0):,} bytes) only supports {learned} BPE tokens, fewer "
                          f"than --vocab-size {vocab_size} - {NUM_SPECIAL_SLOTS} special; give more text or a smaller size")
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
+    if tmp.is_dir():
+        raise InputError(f"--out {out}: {tmp}, where it is written first, is a folder: move it away")
     tokenizer.save(str(tmp))
     os.replace(tmp, out)
     loaded = TextTokenizer(out)

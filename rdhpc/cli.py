@@ -56,9 +56,14 @@ def cmd_launch_local(args) -> int:
     from rdhpc.config import ConfigError, load_config
     from rdhpc.launch.local import launch_local
 
-    run = load_config(args.config, args.overrides)  # every problem reported once, before any rank starts
-    if run.training_problems():
-        raise ConfigError(run.training_problems(), args.config)
+    problems = [f"--nproc: must be >= 1, got {args.nproc}"] if args.nproc < 1 else []
+    try:
+        run = load_config(args.config, args.overrides)  # every problem reported once, before any rank starts
+        problems += run.training_problems()
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems, args.config)
     command = ["train", args.config] + [f"--set={o}" for o in args.overrides]
     return launch_local(command, args.nproc, log=lambda *a, **k: print(*a, **k))
 

@@ -51,7 +51,8 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     from rdhpc.export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out, args.format, dtype=args.dtype, tokenizer=args.tokenizer)
+    export_checkpoint(args.checkpoint, args.out, args.format, dtype=args.dtype, tokenizer=args.tokenizer,
+                      force=args.force)
     return 0
 
 
@@ -114,6 +115,7 @@ def add_tool_parsers(sub) -> None:
     p.add_argument("--format", choices=["safetensors", "huginn"], default="safetensors")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: as stored (fp32 masters)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to record / copy (default: the run's)")
+    p.add_argument("--force", action="store_true", help="replace an existing export at --out (never the source)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plan", help="parameters, FLOPs, memory per GPU by ZeRO stage, step time and days of a run")

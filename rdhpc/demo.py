@@ -147,7 +147,8 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
 
     # 5. Export to the released Huginn layout and read it back.
     _stage(5, "export to the released Huginn layout")
-    export_dir = export_checkpoint(checkpoints, run_dir / "huginn", fmt="huginn", log=lambda *a: None)
+    export_dir = export_checkpoint(checkpoints, run_dir / "huginn", fmt="huginn", log=lambda *a: None,
+                                   force=True)  # the demo's own export of an earlier run
     trained, reloaded = load_checkpoint(checkpoints).model, load_checkpoint(export_dir).model
     probe = torch.from_numpy(np.stack([np.arange(mc.max_seq_len) % manifest.tokenizer.vocab_size] * 2))
     with torch.no_grad():

@@ -13,8 +13,8 @@ training run from any of them (`checkpoint.init_from`), e.g. from the released H
 
 ZeRO stage 0 keeps the whole module in `mp_rank_00_model_states.pt`; stages 1-3 are consolidated from
 the float32 master partitions with DeepSpeed's zero_to_fp32 (bf16 runs give their float32 masters).
-Files are read with `torch.load(weights_only=True)`: DeepSpeed's optimizer files need two DeepSpeed
-record classes allowed (LossScaler, ZeroStageEnum, fragment_address), nothing else is unpickled.
+Files are read through rdhpc.train.checkpoint.safe_torch_load (`torch.load(weights_only=True)` with
+DeepSpeed's three plain record classes allowed): nothing else is unpickled.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import shutil
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +33,8 @@ from rdhpc.model.config import ModelConfig
 from rdhpc.model.huginn import CONFIG_FILE, WEIGHTS_FILE, load_huginn, save_huginn
 from rdhpc.model.recurrent_depth import RecurrentDepthModel
 from rdhpc.run_folder import RunFolder
-from rdhpc.train.checkpoint import (DEEPSPEED_CONFIG, LATEST, RUN_CONFIG, TRAINER_STATE, is_tag_folder, read_latest,
-                                    state_dir)
+from rdhpc.train.checkpoint import (DEEPSPEED_CONFIG, LATEST, RUN_CONFIG, TRAINER_STATE, CheckpointError,
+                                    is_tag_folder, read_latest, safe_torch_load, state_dir)
 
 FORMATS = ("safetensors", "huginn")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,28 +77,6 @@ def resolve_deepspeed(path: str | Path) -> tuple[Path, str] | None:
     return None
 
 
-@contextlib.contextmanager
-def _weights_only_loads(module):
-    """Make `module`'s torch.load calls weights_only, allowing only DeepSpeed's plain record classes."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-            return torch.load(*args, **kwargs)
-
-    proxy = types.SimpleNamespace(**{name: getattr(torch, name) for name in dir(torch) if not name.startswith("__")})
-    proxy.load = safe_load
-    original = module.torch
-    module.torch = proxy
-    try:
-        yield
-    finally:
-        module.torch = original
-
-
 def zero_stage(tag_dir: Path) -> int:
     """The ZeRO stage a checkpoint was written with: from the run's saved DeepSpeed JSON, else from
     the files (stage 0 writes no optimizer partitions)."""
@@ -119,17 +96,20 @@ def consolidated_state_dict(folder: str | Path, tag: str) -> dict[str, torch.Ten
             states = tag_dir / "mp_rank_00_model_states.pt"
             if not states.is_file():
                 raise ExportError(f"{states}: not found (a ZeRO stage-0 checkpoint keeps its weights there)")
-            module = torch.load(states, map_location="cpu", weights_only=True)["module"]
+            with safe_torch_load():
+                module = torch.load(states, map_location="cpu")["module"]
             return {name: t.float() for name, t in module.items()}
         from deepspeed.utils import zero_to_fp32
 
-        with _weights_only_loads(zero_to_fp32), open(os.devnull, "w") as quiet, \
+        with safe_torch_load(), open(os.devnull, "w") as quiet, \
                 contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # its progress bars
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
         return {name: t.float().contiguous() for name, t in state.items()}
     except ExportError:
         raise
-    except Exception as exc:  # truncated files, missing rank partitions, pickles that are not weights
+    except CheckpointError as exc:  # it names the file that holds more than weights, or no weights
+        raise ExportError(f"{tag_dir}: cannot consolidate this ZeRO stage-{stage} checkpoint: {exc}") from None
+    except Exception as exc:  # truncated files, missing rank partitions
         raise ExportError(f"{tag_dir}: cannot consolidate this ZeRO stage-{stage} checkpoint ({type(exc).__name__}: "
                           f"{exc})") from None
 
@@ -282,14 +262,29 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     return loaded
 
 
+def _check_destination(source: Path, out: Path, fmt: str, force: bool) -> None:
+    """An export never replaces its own source, and replaces another export only with --force."""
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise ExportError(f"--out {out}: that is (or holds, or lies inside) the source checkpoint {source}; "
+                          f"write the export elsewhere")
+    existing = [out] if fmt == "safetensors" and out.exists() else \
+        [out / name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if (out / name).exists()]
+    if existing and not force:
+        raise ExportError(f"--out {out}: would replace {', '.join(str(p) for p in existing)}; nothing was "
+                          f"written (choose another --out, or --force to replace it)")
+
+
 def export_checkpoint(source: str | Path, out: str | Path, fmt: str = "safetensors",
-                      dtype: str | None = None, tokenizer: str | Path | None = None, log=print) -> Path:
+                      dtype: str | None = None, tokenizer: str | Path | None = None, log=print,
+                      force: bool = False) -> Path:
     """Convert any checkpoint kind to `fmt` ('safetensors': one file; 'huginn': config.json +
     model.safetensors, plus tokenizer.json when the tokenizer is known)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format: unknown format {fmt!r}; choose one of {list(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype: unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+    _check_destination(Path(source), Path(out), fmt, force)
     loaded = load_checkpoint(source)
     tokenizer = str(tokenizer) if tokenizer else loaded.tokenizer
     torch_dtype = DTYPES[dtype] if dtype else None

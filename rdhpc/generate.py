@@ -29,6 +29,8 @@ Shape legend: B batch, T new tokens, L cache positions, S slots, H heads, D head
 
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import dataclass, field
 
@@ -69,8 +71,12 @@ class GenerationConfig:
         out = []
         if self.num_steps < 1:
             out.append(f"--steps: must be >= 1, got {self.num_steps}")
-        if self.max_new_tokens < 0:
-            out.append(f"--max-new-tokens: must be >= 0, got {self.max_new_tokens}")
+        if self.max_new_tokens < 1:
+            out.append(f"--max-new-tokens: must be >= 1, got {self.max_new_tokens}")
+        for name, value in (("--temperature", self.temperature), ("--exit-threshold", self.exit_threshold),
+                            ("--top-p", self.top_p)):
+            if value is not None and not math.isfinite(value):
+                out.append(f"{name}: must be a finite number, got {value}")
         if self.exit_threshold is not None and self.exit_threshold < 0:
             out.append(f"--exit-threshold: must be >= 0, got {self.exit_threshold}")
         if self.cache_slots is not None and self.cache_slots < 1:

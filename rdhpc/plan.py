@@ -266,4 +266,5 @@ def plan_from_config(path: str, overrides=(), gpus: int = 1, gpu_type: str = "h1
 
     run = load_config(path, list(overrides))
     return make_plan(run.model, gpus, gpu_type, tokens, mfu, global_batch=run.train.global_batch_size,
-                     micro_batch=micro_batch or run.train.micro_batch_size, precision=run.train.precision)
+                     micro_batch=run.train.micro_batch_size if micro_batch is None else micro_batch,
+                     precision=run.train.precision)

@@ -12,6 +12,8 @@
       COOLDOWN             `touch` it: a trapezoid schedule starts its cool-down at the next step
       slurm/               submitit's scripts, pickles and per-task logs (`rdhpc submit`)
       slurm_jobs.jsonl     one record per submission from this folder (`rdhpc status RUN_DIR`)
+      rdhpc.lock           the run's owner while a trainer runs (host, pid, Slurm job): RunLock
+      shards_verified.json the shard folders fully verified for this run (data.verify_checksums: once)
 
 The trainer, the launcher, `rdhpc status`, export and the demo all reach these files through
 RunFolder, so a rename happens here or nowhere.
@@ -21,8 +23,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
+
+from rdhpc.errors import UserError
 
 # Unix time at which a run saves a checkpoint and stops (the job's end minus a margin); the Slurm
 # scripts export it, the trainer reads it.
@@ -44,6 +49,8 @@ class RunFolder:
     cooldown_request = property(lambda self: self.root / "COOLDOWN")
     slurm = property(lambda self: self.root / "slurm")
     slurm_jobs = property(lambda self: self.root / "slurm_jobs.jsonl")
+    lock = property(lambda self: self.root / "rdhpc.lock")
+    shards_verified = property(lambda self: self.root / "shards_verified.json")
 
     def read_run_state(self) -> dict:
         """The last run_state.json, {} when there is none (or it cannot be read)."""
@@ -63,3 +70,103 @@ class RunFolder:
         if not self.metrics.is_file():
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+class RunLockError(UserError):
+    """The run folder belongs to another trainer that may still be running."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (Linux, field 22 of /proc/PID/stat): a pid reused by another
+    process has another start time."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class RunLock:
+    """The owner of a run folder: a file created with O_CREAT | O_EXCL (atomic on local file
+    systems, Lustre and NFSv3+) holding host, pid, process start time and Slurm job. A second
+    trainer on the same folder is refused, naming the holder. The lock is taken over only when its
+    holder is provably gone: a process of this host that no longer exists, or an earlier segment of
+    this same Slurm job (a requeue starts a segment only after the last one ended)."""
+
+    def __init__(self, folder: RunFolder):
+        self.path = folder.lock
+        self.held = False
+
+    @staticmethod
+    def _record() -> dict:
+        pid = os.getpid()
+        return {"host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid),
+                "job_id": os.environ.get("SLURM_JOB_ID"), "segment": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+                "since": time.time()}
+
+    def _holder(self) -> dict | None:
+        for _ in range(20):  # a lock being written right now: its content follows within moments
+            try:
+                return json.loads(self.path.read_text())
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError):
+                time.sleep(0.05)
+        return {}
+
+    @staticmethod
+    def gone(holder: dict, me: dict) -> str | None:
+        """Why the holder cannot be running any more, or None when that cannot be proven."""
+        if holder.get("job_id") and holder.get("job_id") == me["job_id"] and holder.get("segment", 0) < me["segment"]:
+            return f"segment {holder.get('segment', 0) + 1} of this Slurm job {me['job_id']} ended"
+        if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
+            start = _process_start(holder["pid"])
+            if start is None:
+                return f"process {holder['pid']} no longer exists"
+            if holder.get("pid_start") and start != holder["pid_start"]:
+                return f"process {holder['pid']} no longer exists (its pid is another process's now)"
+        return None
+
+    @staticmethod
+    def describe(holder: dict) -> str:
+        job = f", Slurm job {holder['job_id']} segment {holder.get('segment', 0) + 1}" if holder.get("job_id") else ""
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"])) if holder.get("since") else "?"
+        return f"host {holder.get('host')}, pid {holder.get('pid')}{job}, since {since}"
+
+    def acquire(self, log=print) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = self._record()
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released meanwhile: try again
+                reason = self.gone(holder, me)
+                if reason is None:
+                    raise RunLockError(
+                        f"{self.path.parent}: the run folder is in use by another trainer ({self.describe(holder)}; "
+                        f"{self.path}). Two trainers on one run would interleave its checkpoints and metrics. "
+                        f"Stop that run first; if it is gone for certain (e.g. its node died), delete {self.path}.")
+                log(f"[train] taking over the run folder's lock from {self.describe(holder)}: {reason}")
+                tmp = self.path.with_name(f"{self.path.name}.{me['host']}.{me['pid']}")
+                tmp.write_text(json.dumps(me))
+                os.replace(tmp, self.path)
+                if self._holder() == me:
+                    self.held = True
+                    return
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return
+        raise RunLockError(f"{self.path}: could not take the run folder's lock (other trainers keep taking it)")
+
+    def release(self) -> None:
+        if self.held:
+            holder = self._holder()
+            if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                self.path.unlink(missing_ok=True)
+            self.held = False

@@ -429,7 +429,7 @@ def test_missing_inputs_and_bad_options(tmp_path, tokenizer_path):
     (tmp_path / "x.txt").write_text("text")
     with pytest.raises(InputError, match="no input source named 'c'"):
         parse_sources([f"a={tmp_path / 'x.txt'}"], ["c=2"])
-    with pytest.raises(InputError, match="the weight must be > 0"):
+    with pytest.raises(InputError, match="the weight must be a finite number > 0"):
         parse_sources([f"a={tmp_path / 'x.txt'}"], ["a=0"])
     with pytest.raises(InputError, match="listed in two sources"):
         parse_sources([f"a={tmp_path / 'x.txt'}", f"b={tmp_path / 'x.txt'}"])

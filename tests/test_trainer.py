@@ -706,6 +706,7 @@ def test_failures_keep_their_class(tmp_path, monkeypatch, raised, expected):
         raised = ShardError("shards/train-00000.arrow: sha256 does not match")
 
     def failing_setup(self):
+        self.lock.acquire()  # as set-up does first: the run folder is this trainer's
         raise raised
 
     monkeypatch.setattr(trainer_module.Trainer, "setup", failing_setup)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -56,14 +57,20 @@ def _convert(value: Any, tp, key: str, problems: list[str]) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string: accept it as a number.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if math.isfinite(number):
+                return number
+            problems.append(f"{key}: must be a finite number, got {value!r}")
+            return None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -140,11 +147,16 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError([f"{path}: no such config file"])
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the config as UTF-8"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     if data is None:
-        return {}
+        # an empty file would silently mean the 3.5B defaults: almost certainly not what was meant
+        raise ConfigError([f"{path}: the config file is empty; it would train the defaults (the 3.5B model). "
+                           f"Set at least `model: {{size: ...}}`, or pass the defaults on purpose with a file "
+                           f"holding `model: {{size: huginn-3.5b}}`"])
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"])
     return data

@@ -191,6 +191,9 @@ class Manifest:
     report: dict = field(default_factory=dict)
     """Documents read, skipped (with file and line), tokens per source."""
     format_version: int = FORMAT_VERSION
+    inputs: dict = field(default_factory=dict)
+    """Each input file's size, modification time and a hash of its ends when the shards were made:
+    a later `prep shards` into the same folder refuses stale shards of changed inputs."""
 
     def split_shards(self, split: str) -> list[ShardEntry]:
         return [s for s in self.shards if s.split == split]

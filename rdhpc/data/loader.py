@@ -137,7 +137,56 @@ class ShardDataset:
         out = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
         for i, (s, index) in enumerate(zip(shard.tolist(), indices.tolist())):
             out[i] = self.readers[s].row(index - int(self.starts[s]))
+        vocab = self.manifest.tokenizer.vocab_size
+        if out.size and int(out.max()) >= vocab:  # a cheap check of every batch: never an embedding out of range
+            i = int(np.flatnonzero(out.max(axis=1) >= vocab)[0])
+            s = int(shard[i])
+            raise ShardError(f"{self.readers[s].path}: row {int(indices[i]) - int(self.starts[s])} holds token id "
+                             f"{int(out[i].max())}, beyond the vocabulary of {vocab} (the shards' tokenizer): a "
+                             f"corrupted or foreign shard")
         return out
+
+    def verify(self, rank: int = 0, world_size: int = 1) -> list[str]:
+        """This rank's share (every world_size-th shard) of a full check: sha256 against the
+        manifest, token ids within the vocabulary. The problems found, each naming its shard."""
+        from rdhpc.data.format import file_sha256
+
+        problems, vocab = [], self.manifest.tokenizer.vocab_size
+        for entry, reader in list(zip(self.entries, self.readers))[rank::world_size]:
+            if file_sha256(reader.path) != entry.sha256:
+                problems.append(f"{reader.path}: sha256 does not match the manifest (corrupted or replaced file)")
+                continue
+            rows = reader.all_rows()
+            if rows.size and int(rows.max()) >= vocab:
+                problems.append(f"{reader.path}: token id {int(rows.max())} >= vocabulary size {vocab}")
+        return problems
+
+
+def verify_shards(datasets: dict[str, ShardDataset], mode: str, record: Path, rank: int, world_size: int,
+                  gather, log=print) -> None:
+    """data.verify_checksums before step 1: every shard's sha256 and token range, each rank a
+    share (ShardDataset.verify), every problem raised on every rank (`gather` joins the ranks'
+    lists). With 'once', what `record` (in the run folder) says was verified is not read again, so
+    a requeued segment starts at once; 'never' skips it."""
+    import json
+    import time
+
+    if mode == "never":
+        return
+    done = {name: [d.fingerprint()["folder"], d.fingerprint()["shards_sha256"]] for name, d in datasets.items()}
+    if mode == "once" and record.is_file() and json.loads(record.read_text()) == done:
+        log("[train] shards verified before in this run folder (data.verify_checksums: once)")
+        return
+    started = time.perf_counter()
+    problems = gather([p for d in datasets.values() for p in d.verify(rank, world_size)])
+    if problems:
+        raise ShardError(f"{len(problems)} shard(s) failed verification (data.verify_checksums: {mode}):\n  - "
+                         + "\n  - ".join(problems[:20]))
+    if rank == 0:
+        record.write_text(json.dumps(done))
+    entries = [e for d in datasets.values() for e in d.entries]
+    log(f"[train] verified {len(entries)} shard(s), {sum(e.bytes for e in entries) / 1e6:,.1f} MB (sha256 and "
+        f"token ids) on {world_size} rank(s) in {time.perf_counter() - started:.2f} s")
 
 
 def inputs_and_labels(rows: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

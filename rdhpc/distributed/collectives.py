@@ -48,3 +48,14 @@ def is_collective_failure(exc: BaseException) -> bool:
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
     return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _COLLECTIVE_FAILURE_MARKERS)
+
+
+def gather_lists(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (picklable items)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, list(items))
+    return [item for part in everyone for item in part]

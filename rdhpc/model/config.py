@@ -133,6 +133,14 @@ class ModelConfig:
             "vocab_size", "padding_multiple", "hidden_size", "num_heads", "intermediate_size", "num_core_layers",
             "max_seq_len", "mean_recurrence", "rope_base", "norm_eps"), non_negative=(
             "num_prelude_layers", "num_coda_layers", "mean_backprop_depth", "recurrence_sigma", "loss_chunk_size"))
+        # far beyond any model anyone trains: a typo (an extra digit, a float's exponent) is named here,
+        # not found by torch as an allocation that overflows
+        for name, limit in (("vocab_size", 1 << 24), ("hidden_size", 1 << 20), ("intermediate_size", 1 << 22),
+                            ("num_heads", 1 << 12), ("num_prelude_layers", 1 << 10), ("num_core_layers", 1 << 10),
+                            ("num_coda_layers", 1 << 10), ("max_seq_len", 1 << 24), ("mean_recurrence", 1 << 14),
+                            ("mean_backprop_depth", 1 << 14), ("padding_multiple", 1 << 16)):
+            if getattr(self, name) > limit:
+                out.append(f"{prefix}.{name}: {getattr(self, name)} is beyond any sensible model (at most {limit})")
         if self.num_heads > 0 and self.hidden_size % self.num_heads:
             out.append(f"{prefix}.hidden_size: {self.hidden_size} is not divisible by "
                        f"{prefix}.num_heads = {self.num_heads}")

@@ -56,7 +56,10 @@ class Heartbeat:
         self._thread.start()
 
     def stop(self, final_phase: str):
-        """Stop beating and leave the final state ("done", "failed: ...") in the file."""
+        """Stop beating and leave the final state ("done", "failed: ...") in the file; a heartbeat
+        that never started writes nothing (the folder may be another run's)."""
+        if self._thread is None:
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval_s + 1)

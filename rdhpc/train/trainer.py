@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 import torch
 
 from rdhpc.config import RunConfig, config_to_yaml, save_config
-from rdhpc.data.loader import BatchLoader, ShardDataset
+from rdhpc.data.loader import BatchLoader, ShardDataset, verify_shards
 from rdhpc.distributed import RankInfo
-from rdhpc.distributed.collectives import any_rank, is_collective_failure, mean_over_ranks, sum_over_ranks
+from rdhpc.distributed.collectives import any_rank, gather_lists, is_collective_failure, mean_over_ranks, sum_over_ranks
 from rdhpc.errors import ConfigError, UserError
 from rdhpc.eval.in_loop import DepthLossEvaluator
 from rdhpc.model import DepthSampler, RecurrentDepthModel
 from rdhpc.model.sampling import row_noise_seeds
-from rdhpc.run_folder import STOP_AT_VARIABLE, RunFolder
+from rdhpc.run_folder import STOP_AT_VARIABLE, RunFolder, RunLock, RunLockError
 from rdhpc.train.checkpoint import DEEPSPEED_CONFIG, RUN_CONFIG, Checkpointer
 from rdhpc.train.engine import attention_kernels, build_engine, quiet_deepspeed_deprecations, skip_deepspeed_shm_op
 from rdhpc.train.heartbeat import Heartbeat, diagnose
@@ -92,6 +92,7 @@ class Trainer:
         self._previous_handlers = {}
         self.heartbeat = Heartbeat(self.folder.heartbeats, ranks.rank, ranks.world_size,
                                    run.train.heartbeat_interval_s, run.train.stall_timeout_s)
+        self.lock = RunLock(self.folder)  # rank 0 holds the run folder while the run goes on
 
     # ---- set-up -------------------------------------------------------------------------------
     def setup(self):
@@ -105,9 +106,19 @@ class Trainer:
             skip_deepspeed_shm_op()
         quiet_deepspeed_deprecations()
         self._install_stop_handlers()  # first: a warning signal during set-up is a stop request too
-        self.heartbeat.start()
-        self.heartbeat.progress(0, "init process group")
+        # Nothing is written into the run folder before rank 0 owns it: a second trainer started
+        # on a running run stops here, on every rank, having touched none of its files.
+        lock_error = None
+        if self.ranks.is_main:
+            try:
+                self.lock.acquire(log=self.log)
+            except RunLockError as exc:
+                lock_error = exc
         self._init_distributed(backend="nccl" if use_cuda else "gloo")
+        if any_rank([lock_error is not None], self.device)[0]:
+            raise lock_error or RunLockError(f"rank {self.ranks.rank}: rank 0 could not take the run folder's lock "
+                                             f"({self.folder.lock}): another trainer holds it")
+        self.heartbeat.start()
 
         matmul_dtype = torch.float32 if run.train.precision == "fp32" else torch.bfloat16
         self.preflight = None
@@ -119,16 +130,17 @@ class Trainer:
             self.preflight = run_preflight(self.device, self.ranks, log=self.log, dtype=matmul_dtype)
 
         self.heartbeat.progress(0, "open shards")
-        self.dataset = ShardDataset(run.data.train_dir, "train", seq_len=run.model.max_seq_len,
-                                    verify_checksums=run.data.verify_checksums)
+        self.dataset = ShardDataset(run.data.train_dir, "train", seq_len=run.model.max_seq_len)
         vocab = self.dataset.manifest.tokenizer.vocab_size
         if vocab > run.model.padded_vocab_size:
             raise ConfigError([f"model.vocab_size: the shards' tokenizer has {vocab} tokens, the model "
                                f"embeds {run.model.padded_vocab_size}"])
         # validation rows must be tokenized as the training rows are
         self.val_dataset = ShardDataset(run.data.val_dir or run.data.train_dir, "val", seq_len=run.model.max_seq_len,
-                                        tokenizer_sha256=self.dataset.manifest.tokenizer.sha256,
-                                        verify_checksums=run.data.verify_checksums)
+                                        tokenizer_sha256=self.dataset.manifest.tokenizer.sha256)
+        self.heartbeat.progress(0, "verify shards")
+        verify_shards({"train": self.dataset, "val": self.val_dataset}, run.data.verify_mode, self.folder.shards_verified,
+                      self.ranks.rank, self.ranks.world_size, gather_lists, log=self.log)
         self.loader = BatchLoader(self.dataset, run.train.global_batch_size, run.train.micro_batch_size,
                                   self.ranks.rank, self.ranks.world_size, seed=run.data.shuffle_seed,
                                   on_exhausted=run.data.on_exhausted, prefetch_steps=run.data.prefetch_batches)
@@ -160,9 +172,6 @@ class Trainer:
         # the step draws its noise from per-row generators (row_noise_seeds); the global stream is
         # seeded per rank for anything else that might draw from it
         torch.manual_seed(run.train.seed + 1000 * self.ranks.rank)
-        if self.ranks.is_main:
-            save_config(run, self.folder.root)
-            self.folder.deepspeed_config.write_text(json.dumps(self.ds_config, indent=2))
         self.sink = MetricsSink(self.folder, self.ranks.is_main, run.logging.tensorboard, log=self.log)
         self.peak_tflops, peak_source = peak_tflops(self.device, matmul_dtype, run.train.peak_tflops_per_device,
                                                     self.preflight)
@@ -216,9 +225,15 @@ class Trainer:
                                                                DEEPSPEED_CONFIG: json.dumps(self.ds_config, indent=2)})
 
     def maybe_resume(self):
-        point = self.resume_point
-        if point is None:
-            return
+        """Load the resume point, if any; then record the run's config and DeepSpeed JSON (after the
+        resume: a resume that fails leaves the run folder's files as they were)."""
+        if self.resume_point is not None:
+            self._resume(self.resume_point)
+        if self.ranks.is_main:
+            save_config(self.run, self.folder.root)
+            self.folder.deepspeed_config.write_text(json.dumps(self.ds_config, indent=2))
+
+    def _resume(self, point):
         self.heartbeat.progress(0, "load checkpoint")
         step = point.state["step"]
         # a rank the checkpoint did not have: a fresh stream, still a function of (seed, rank, step)
@@ -385,8 +400,9 @@ class Trainer:
         return time.perf_counter() - started
 
     def write_run_state(self, state: str, **details):
-        """RUN_DIR/run_state.json: how the run ended (read by `rdhpc status` and the Slurm job)."""
-        if self.ranks.is_main:
+        """RUN_DIR/run_state.json: how the run ended (read by `rdhpc status` and the Slurm job);
+        only by the run folder's owner."""
+        if self.ranks.is_main and self.lock.held:
             self.folder.write_run_state(state, self.step, start_step=self.start_step, **details)
 
     def close(self, failed: bool = False):
@@ -394,6 +410,7 @@ class Trainer:
             signal.signal(sig, handler)
         if self.sink is not None:
             self.sink.close()
+        self.lock.release()
         self._destroy_process_group(failed)
 
     @staticmethod
@@ -429,6 +446,11 @@ def train(run: RunConfig, ranks: RankInfo, log=print) -> TrainResult:
         trainer.maybe_resume()
         result = trainer.train()
         failed = False
+        trainer.heartbeat.stop("done")
+        if result.completed:
+            trainer.write_run_state("completed")
+        else:
+            trainer.write_run_state("stopped", reason=result.stop_reason, terminated=result.terminated)
     except UserError as exc:
         trainer.heartbeat.stop(f"failed: {exc}"[:500])
         trainer.write_run_state("failed", error=str(exc)[:2000])
@@ -448,10 +470,5 @@ def train(run: RunConfig, ranks: RankInfo, log=print) -> TrainResult:
             exc.add_note(message)
         raise
     finally:
-        trainer.close(failed=failed)
-    trainer.heartbeat.stop("done")
-    if result.completed:
-        trainer.write_run_state("completed")
-    else:
-        trainer.write_run_state("stopped", reason=result.stop_reason, terminated=result.terminated)
+        trainer.close(failed=failed)  # releases the run folder's lock: after the last write to the folder
     return result
