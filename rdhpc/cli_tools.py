@@ -76,7 +76,8 @@ def add_tool_parsers(sub) -> None:
                                     "TensorBoard)")
     p.add_argument("checkpoint", help="DeepSpeed checkpoint (folder with 'latest', a stepN folder or the run "
                                       "folder), an exported .safetensors file or a released-layout folder")
-    p.add_argument("--data", required=True, help="shard folder made by `rdhpc prep shards`")
+    p.add_argument("--data", help="shard folder made by `rdhpc prep shards` (default: the data the checkpoint's "
+                                  "run validated on, data.val_dir or data.train_dir)")
     p.add_argument("--steps", default="1,2,4,8,16,32,64", help="comma-separated recurrence depths")
     p.add_argument("--split", choices=["val", "train"], default="val")
     p.add_argument("--max-rows", type=int, default=256, help="evaluate the first N rows of the split")

@@ -15,7 +15,9 @@ shards and the finished training.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -100,6 +102,11 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
     else:
         num_docs, num_bytes = write_stdlib_corpus(corpus, CORPUS_BYTES)
         print(f"[demo] corpus: {num_docs} files of the Python standard library, {num_bytes / 1e6:.1f} MB -> {corpus}")
+    # the standard library differs between Python versions and builds, and so do the demo's losses
+    corpus_id = {"python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"],
+                 "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()}
+    print(f"[demo] corpus sha256 {corpus_id['sha256'][:16]} (Python {corpus_id['python']}'s standard library: "
+          f"another Python gives another corpus and other losses)")
     tokenizer_path = run_dir / "tokenizer.json"
     if not tokenizer_path.exists():
         train_tokenizer([str(corpus)], mc.vocab_size, tokenizer_path, sample_bytes=CORPUS_BYTES,
@@ -161,7 +168,8 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
     results = {"train_loss_first10": first, "train_loss_last10": last, "steps": steps, "ranks": nproc,
                "val_loss_by_depth": {str(d): curve.loss[d] for d in curve.depths},
                "val_perplexity_by_depth": {str(d): curve.perplexity[d] for d in curve.depths},
-               "eval_tokens": curve.tokens, "plot": curve.files["png"], "export_roundtrip_identical": same}
+               "eval_tokens": curve.tokens, "plot": curve.files["png"], "export_roundtrip_identical": same,
+               "corpus": corpus_id}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     deeper_helps = curve.loss[8] < curve.loss[1]
     print(f"[demo] train loss {first:.3f} -> {last:.3f}; validation loss {curve.loss[1]:.3f} at depth 1, "

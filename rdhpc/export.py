@@ -30,7 +30,7 @@ import torch
 
 from rdhpc.errors import UserError
 from rdhpc.model.config import ModelConfig
-from rdhpc.model.huginn import CONFIG_FILE, WEIGHTS_FILE, load_huginn, save_huginn
+from rdhpc.model.huginn import CONFIG_FILE, WEIGHTS_FILE, load_huginn, save_huginn, write_safetensors
 from rdhpc.model.recurrent_depth import RecurrentDepthModel
 from rdhpc.run_folder import RunFolder
 from rdhpc.train.checkpoint import (DEEPSPEED_CONFIG, LATEST, RUN_CONFIG, TRAINER_STATE, CheckpointError,
@@ -58,6 +58,13 @@ class LoadedCheckpoint:
     step: int | None = None
     run_config: object | None = None  # rdhpc.config.RunConfig when the checkpoint carries one
     tokenizer: str | None = None  # path of the tokenizer the model was trained with, when known
+    tokenizer_note: str | None = None  # why `tokenizer` is None, for the message of whoever needs one
+
+    def tokenizer_or_none_with_reason(self) -> tuple[str | None, str]:
+        """(tokenizer, "") or (None, "CHECKPOINT: no tokenizer known (WHY)")."""
+        if self.tokenizer:
+            return self.tokenizer, ""
+        return None, f"{self.path}: no tokenizer known for this checkpoint ({self.tokenizer_note or 'none recorded'})"
 
 
 # ---- DeepSpeed checkpoints ------------------------------------------------------------------------
@@ -129,18 +136,31 @@ def _load_deepspeed(folder: Path, tag: str, device, dtype) -> LoadedCheckpoint:
     trainer_state = state_dir(tag_dir) / TRAINER_STATE
     if trainer_state.is_file():
         step = json.loads(trainer_state.read_text()).get("step")
-    return LoadedCheckpoint(model, "deepspeed", tag_dir, step, run, _tokenizer_of_run(run))
+    tokenizer, note = _tokenizer_of_run(run)
+    return LoadedCheckpoint(model, "deepspeed", tag_dir, step, run, tokenizer, note)
 
 
-def _tokenizer_of_run(run) -> str | None:
-    """The tokenizer recorded in the manifest of the run's training shards, if it is still there."""
+def _tokenizer_of_run(run) -> tuple[str | None, str | None]:
+    """(path, None) of the tokenizer recorded in the manifest of the run's training shards, or
+    (None, why it is not known) for the message of the command that needs it."""
     if run is None or not run.data.train_dir:
-        return None
-    manifest = Path(run.data.train_dir) / "manifest.json"
+        return None, "the checkpoint records no training data"
+    train_dir = Path(run.data.train_dir)
+    manifest = train_dir / "manifest.json"
     if not manifest.is_file():
-        return None
-    path = json.loads(manifest.read_text()).get("tokenizer", {}).get("path")
-    return path if path and Path(path).is_file() else None
+        relative = "" if train_dir.is_absolute() else (
+            f" (a path relative to the folder the run was started from: this checkpoint was written before "
+            f"rdhpc recorded paths absolutely; run the command from that folder)")
+        return None, f"its data.train_dir {train_dir}/manifest.json is not found from {Path.cwd()}{relative}"
+    try:
+        path = json.loads(manifest.read_text()).get("tokenizer", {}).get("path")
+    except (OSError, ValueError) as exc:
+        return None, f"{manifest}: unreadable ({exc})"
+    if not path:
+        return None, f"{manifest} records no tokenizer path"
+    if not Path(path).is_file():
+        return None, f"the tokenizer {path} recorded in {manifest} is gone"
+    return path, None
 
 
 def _model_with_state(config: ModelConfig, state: dict, source: str, device, dtype) -> RecurrentDepthModel:
@@ -168,8 +188,6 @@ def save_safetensors(model: RecurrentDepthModel, path: str | Path, run_config=No
                      dtype: torch.dtype | None = None) -> Path:
     """One file: every tensor under our own names, the model config (JSON) and, when known, the run
     config (YAML), step, source checkpoint and tokenizer path in the safetensors metadata."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = dtype or next(model.parameters()).dtype
@@ -184,11 +202,8 @@ def save_safetensors(model: RecurrentDepthModel, path: str | Path, run_config=No
     if source is not None:
         metadata[META_SOURCE] = str(source)
     if tokenizer is not None:
-        metadata[META_TOKENIZER] = str(tokenizer)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+        metadata[META_TOKENIZER] = os.path.abspath(tokenizer)  # read from wherever the file is used
+    return write_safetensors(tensors, path, metadata)
 
 
 def _load_safetensors(path: Path, device, dtype) -> LoadedCheckpoint:
@@ -221,10 +236,12 @@ def _load_safetensors(path: Path, device, dtype) -> LoadedCheckpoint:
     stored_dtype = next(iter(state.values())).dtype if state else None
     model = _model_with_state(config, state, str(path), device, dtype or stored_dtype)  # as stored by default
     step = int(metadata[META_STEP]) if META_STEP in metadata else None
-    tokenizer = metadata.get(META_TOKENIZER)
-    if tokenizer and not Path(tokenizer).is_file():
-        tokenizer = None
-    return LoadedCheckpoint(model, "safetensors", path, step, run, tokenizer)
+    tokenizer, note = metadata.get(META_TOKENIZER), None
+    if not tokenizer:
+        note = f"the file's {META_TOKENIZER} metadata is empty (exported without one)"
+    elif not Path(tokenizer).is_file():
+        tokenizer, note = None, f"the tokenizer {metadata[META_TOKENIZER]} named in its metadata is gone"
+    return LoadedCheckpoint(model, "safetensors", path, step, run, tokenizer, note)
 
 
 # ---- any kind ----------------------------------------------------------------------------------------
@@ -254,7 +271,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     elif kind == "huginn":
         model = load_huginn(path, device=device, dtype=dtype)
         tokenizer = path / TOKENIZER_FILE
-        loaded = LoadedCheckpoint(model, "huginn", path, tokenizer=str(tokenizer) if tokenizer.is_file() else None)
+        loaded = LoadedCheckpoint(model, "huginn", path, tokenizer=str(tokenizer.resolve()) if tokenizer.is_file() else None,
+                                  tokenizer_note=f"the folder has no {TOKENIZER_FILE}")
     else:
         folder, tag = resolve_deepspeed(path)
         loaded = _load_deepspeed(folder, tag, device, dtype)
@@ -286,7 +304,16 @@ def export_checkpoint(source: str | Path, out: str | Path, fmt: str = "safetenso
         raise ExportError(f"--dtype: unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
     _check_destination(Path(source), Path(out), fmt, force)
     loaded = load_checkpoint(source)
-    tokenizer = str(tokenizer) if tokenizer else loaded.tokenizer
+    if tokenizer:
+        if not Path(tokenizer).is_file():
+            raise ExportError(f"--tokenizer {tokenizer}: no such file")
+        tokenizer = str(tokenizer)
+    else:
+        tokenizer, missing = loaded.tokenizer_or_none_with_reason()
+        if tokenizer is None:
+            where = (f"{out}/{TOKENIZER_FILE} is not written" if fmt == "huginn"
+                     else "the file will name no tokenizer")
+            log(f"[export] warning: {missing}: {where}; pass --tokenizer PATH to include it")
     torch_dtype = DTYPES[dtype] if dtype else None
     out = Path(out)
     if fmt == "safetensors":

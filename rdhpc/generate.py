@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from rdhpc.errors import UserError
 from rdhpc.model.recurrent_depth import RecurrentDepthModel
+from rdhpc.model.sampling import GENERATION_NOISE, row_noise_seeds
 
 
 class GenerationError(UserError, ValueError):
@@ -201,8 +202,9 @@ class DecodeCache:
         return sum(c.nbytes for c in self.core)
 
 
-def select_next(logits_BV: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy (temperature 0) or sampled with temperature, top-k and top-p (nucleus)."""
+def select_next(logits_BV: torch.Tensor, config: GenerationConfig, generators: list[torch.Generator]) -> torch.Tensor:
+    """Greedy (temperature 0) or sampled with temperature, top-k and top-p (nucleus); row b draws
+    from generators[b] alone, so a row samples what its prompt alone would."""
     if config.temperature == 0:
         return logits_BV.argmax(dim=-1)
     logits = logits_BV.float() / config.temperature
@@ -214,7 +216,8 @@ def select_next(logits_BV: torch.Tensor, config: GenerationConfig, generator: to
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= config.top_p  # keep the smallest set reaching top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    probs = logits.softmax(-1)
+    return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g) for b, g in enumerate(generators)]).squeeze(1)
 
 
 class Generator:
@@ -228,8 +231,18 @@ class Generator:
     def core_slots(self) -> int:
         return self.config.cache_slots or self.config.num_steps
 
-    def _initial_state(self, embedded: torch.Tensor) -> torch.Tensor:
-        return self.model.initial_state(embedded, self.config.init_scale)
+    def _initial_state(self, embedded: torch.Tensor, new_token: int | None = None) -> torch.Tensor:
+        """The initial state of the prompt's tokens (new_token None) or of the n-th new token. Its
+        noise (init_scale > 0) is a function of the seed and of the token's place in its own row
+        only: a row's prompt, left-padded in a batch, gets the noise it gets alone."""
+        if self.config.init_scale == 0:
+            return torch.zeros_like(embedded)
+        seed = row_noise_seeds(self.config.seed, 0 if new_token is None else 1 + new_token, [0], GENERATION_NOISE)
+        state = torch.zeros_like(embedded)
+        for b in range(embedded.shape[0]):
+            start = self._row_padding[b] if new_token is None else 0
+            state[b:b + 1, start:] = self.model.initial_state(embedded[b:b + 1, start:], self.config.init_scale, seed)
+        return state
 
     @torch.no_grad()
     def prefill(self, prompt_BT: torch.Tensor, cache: DecodeCache, rope: torch.Tensor):
@@ -253,7 +266,7 @@ class Generator:
         B = token_B1.shape[0]
         rope = rope[position:position + 1]
         embedded = model.embed(token_B1, rope, [c.view(0, position) for c in cache.prelude])
-        state = previous_state if cfg.warm_start else self._initial_state(embedded)
+        state = previous_state if cfg.warm_start else self._initial_state(embedded, position - self._prompt_width)
         adaptive = cfg.exit_threshold is not None
         active = torch.ones(B, dtype=torch.bool, device=token_B1.device)
         depth = torch.zeros(B, dtype=torch.long, device=token_B1.device)
@@ -284,7 +297,7 @@ class Generator:
         """Continue every row of prompt_BT, or every prompt of a list of token lists of any lengths
         (left-padded into one batch)."""
         model, cfg = self.model, self.config
-        key_valid = None
+        key_valid, padding = None, None
         if isinstance(prompt_BT, list):
             if not prompt_BT or min(len(p) for p in prompt_BT) < 1:
                 raise GenerationError("every prompt must hold at least one token")
@@ -303,10 +316,12 @@ class Generator:
                                   f"model's max_seq_len = {model.config.max_seq_len}")
         device = next(model.parameters()).device
         prompt_BT = prompt_BT.to(device)
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        # one stream per row, each seeded alike: a row samples what its prompt alone samples
+        generators = [torch.Generator(device=device).manual_seed(cfg.seed) for _ in range(B)]
+        self._row_padding = padding.tolist() if padding is not None else [0] * B
+        self._prompt_width = T0
         started = time.perf_counter()
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            torch.manual_seed(cfg.seed)  # the initial-state noise, when init_scale > 0
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):  # nothing drawn globally
             if key_valid is not None:
                 key_valid = key_valid.to(device)
             cache = DecodeCache(model, B, max(total, 1), self.core_slots, key_valid)
@@ -320,7 +335,7 @@ class Generator:
             for n in range(cfg.max_new_tokens):
                 if keep_logits:
                     step_logits.append(logits)
-                token = select_next(logits, cfg, generator)
+                token = select_next(logits, cfg, generators)
                 tokens.append(token)
                 if stop.numel():
                     newly = torch.isin(token, stop) & ~finished
@@ -352,9 +367,10 @@ def generate_text(checkpoint: str, prompts: list[str], config: GenerationConfig,
     from rdhpc.export import load_checkpoint
 
     loaded = load_checkpoint(checkpoint, device=device)
-    tokenizer = tokenizer or loaded.tokenizer
-    if tokenizer is None:
-        raise GenerationError(f"{checkpoint}: no tokenizer recorded with this checkpoint; pass --tokenizer PATH")
+    if not tokenizer:
+        tokenizer, missing = loaded.tokenizer_or_none_with_reason()
+        if tokenizer is None:
+            raise GenerationError(f"{missing}; pass --tokenizer PATH")
     tok = TextTokenizer(tokenizer)
     if tok.vocab_size > loaded.model.config.padded_vocab_size:
         raise GenerationError(f"{tokenizer}: {tok.vocab_size} tokens, the model embeds "

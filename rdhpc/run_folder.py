@@ -5,6 +5,7 @@
       deepspeed.json       the exact DeepSpeed config the engine was built with
       run_state.json       how the last segment ended: completed, stopped (reason) or failed (error)
       metrics.jsonl        one line per optimizer step (step, loss, lr, depth, time)
+      train.log            the main rank's log, every segment appended (RunLog)
       heartbeat/rank{r}.json   per-rank liveness (rdhpc.train.heartbeat)
       tensorboard/         TensorBoard events of the run
       checkpoints/         DeepSpeed checkpoints + rdhpc's state (rdhpc.train.checkpoint)
@@ -42,6 +43,7 @@ class RunFolder:
     deepspeed_config = property(lambda self: self.root / "deepspeed.json")
     run_state = property(lambda self: self.root / "run_state.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
+    train_log = property(lambda self: self.root / "train.log")
     heartbeats = property(lambda self: self.root / "heartbeat")
     tensorboard = property(lambda self: self.root / "tensorboard")
     checkpoints = property(lambda self: self.root / "checkpoints")

@@ -95,10 +95,12 @@ def test_warm_start_changes_the_trajectory_and_sampling_is_seeded(model, prompt)
     assert torch.equal(generate(model, prompt, temperature=1.0, top_k=1).tokens, cold.tokens)  # top-1 is greedy
 
 
-@pytest.mark.parametrize("settings", [{}, {"exit_threshold": 1e-3, "cache_slots": 3, "warm_start": True}])
+@pytest.mark.parametrize("settings", [{}, {"exit_threshold": 1e-3, "cache_slots": 3, "warm_start": True},
+                                      {"temperature": 0.9, "top_p": 0.95, "seed": 5, "init_scale": 1.0}])
 def test_prompts_of_different_lengths_in_one_batch_equal_each_alone(model, settings):
     """Left padding with masked padding keys: every row of a ragged batch gives the tokens and the
-    logits it gives alone (rotary attention depends only on distances, so the shift is invisible)."""
+    logits it gives alone (rotary attention depends only on distances, so the shift is invisible);
+    sampled, each row draws its tokens and its initial-state noise from streams of its own."""
     rng = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (n,), generator=rng).tolist() for n in (9, 1, 4, 9, 6)]
     config = dict(num_steps=6, max_new_tokens=10, **settings)

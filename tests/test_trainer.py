@@ -331,7 +331,8 @@ def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path, shards, monk
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("train/skipped_steps")] == [(3, 1.0)]
+    # written from the first step (a flat 0 says none was skipped), then at every skip
+    assert [(e.step, e.value) for e in events.Scalars("train/skipped_steps")] == [(1, 0.0), (3, 1.0)]
     assert all(np.isfinite(v) for step, v in losses(run_dir).items() if step != 3)  # the weights stayed finite
 
     monkeypatch.setenv("RDHPC_FAULT_NAN_STEPS", "2,3,4")

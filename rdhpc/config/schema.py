@@ -7,7 +7,10 @@ problem at once. The resolved config is saved next to every checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rdhpc.model.config import ModelConfig
 from rdhpc.validation import check_bounds, check_choice
@@ -387,6 +390,24 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
+    def with_absolute_paths(self, base: str | Path | None = None) -> "RunConfig":
+        """A copy whose paths (PATH_KEYS) are absolute, resolved against `base` (default: the current
+        folder, where a relative path given on the command line means something). What a run saves
+        (its config.yaml, every checkpoint's config, a submission's snapshot) goes through this, so
+        that `rdhpc generate`, `export`, `eval` and a resume find the data and the tokenizer from any
+        folder."""
+        base = Path(base) if base is not None else Path.cwd()
+        sections = {}
+        for section, key, is_path in PATH_KEYS:
+            value = getattr(getattr(self, section), key)
+            if value and is_path(value):
+                # normpath, not resolve(): a symlinked project folder keeps the name the user gave it
+                absolute = os.path.normpath(base / Path(value).expanduser())
+                if absolute != value:
+                    sections.setdefault(section, {})[key] = absolute
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)
+                                            for section, changes in sections.items()})
+
     def training_problems(self) -> list[str]:
         """What only training needs (`rdhpc config` and `rdhpc plan` take a config without data)."""
         if self.data.train_dir is None:
@@ -424,3 +445,23 @@ MOVED_KEYS = {"train.val_interval": "eval.interval", "train.val_depths": "eval.d
               "train.val_batches": "eval.rows (validation rows over all ranks, not micro-batches per rank)"}
 # Moved keys whose new home means something else: a config rdhpc wrote earlier drops them.
 CHANGED_MEANING = {"train.val_batches"}
+
+
+def _always(value) -> bool:
+    return True
+
+
+# (section, key, does this value name a path): the keys RunConfig.with_absolute_paths resolves.
+# checkpoint.resume is also 'auto' or 'never'; slurm.cluster is also a preset's name; slurm.python
+# is also a command looked up on PATH ("python3").
+PATH_KEYS = (
+    ("data", "train_dir", _always),
+    ("data", "val_dir", _always),
+    ("checkpoint", "dir", _always),
+    ("checkpoint", "resume", lambda value: value not in ("auto", "never")),
+    ("checkpoint", "init_from", _always),
+    ("logging", "run_dir", _always),
+    ("slurm", "cluster", lambda value: "/" in value or value.endswith((".yaml", ".yml"))),
+    ("slurm", "python", lambda value: "/" in value),
+    ("slurm", "folder", _always),
+)

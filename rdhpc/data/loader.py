@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from rdhpc.data.format import ShardError, open_shard, read_manifest
+from rdhpc.errors import ConfigError
 from rdhpc.model.recurrent_depth import IGNORE_INDEX
 
 _ROUNDS = 6
@@ -205,8 +206,8 @@ class BatchLoader:
                  world_size: int, seed: int, on_exhausted: str = "stop", prefetch_steps: int = 2):
         per_rank, remainder = divmod(global_batch_size, world_size)
         if remainder or per_rank % micro_batch_size:
-            raise ValueError(f"global batch {global_batch_size} does not split into {world_size} ranks x "
-                             f"micro-batches of {micro_batch_size}")
+            raise ConfigError([f"train.global_batch_size: {global_batch_size} does not split into {world_size} "
+                               f"ranks x micro-batches of train.micro_batch_size = {micro_batch_size}"])
         if len(dataset) < global_batch_size:
             where = dataset.fingerprint().get("folder", "the data")
             raise ShardError(f"{where}: {len(dataset)} rows, fewer than one global batch of {global_batch_size}")

@@ -1,10 +1,14 @@
 """Rank discovery in one place: torchrun's variables, MPI (mpi4py), or Slurm's, whichever launched
 the process; a plain process is rank 0 of 1.
 
-Order matters: torchrun sets RANK/WORLD_SIZE explicitly; an MPI launcher (mpirun/mpiexec of
-MPICH or Open MPI, or `srun --mpi=pmi2`) is recognised by its PMI variables and asked through
-mpi4py; a Slurm step (srun) by SLURM_STEP_NUM_TASKS. A Slurm *batch script* is not a step: it is one
-process even when the job asked for many tasks, so SLURM_NTASKS alone never makes ranks.
+Order matters: torchrun sets RANK/WORLD_SIZE explicitly; then a Slurm step (srun) is recognised
+by SLURM_STEP_NUM_TASKS and SLURM_PROCID, and its variables win, also when `srun --mpi=pmi2` or
+`--mpi=pmix` adds PMI_RANK/PMI_SIZE (PMIX_RANK) to every task: they name the same ranks, and
+mpi4py is neither needed nor imported. Only when the MPI variables disagree with the step (an MPI
+launcher started inside it, e.g. mpirun whose proxies srun started, one per node) or there is no
+step (mpirun/mpiexec of MPICH or Open MPI) are the ranks asked of MPI through mpi4py. A Slurm
+*batch script* is not a step: it is one process even when the job asked for many tasks, so
+SLURM_NTASKS alone never makes ranks.
 
 The rendezvous (master_address, export_process_group_env): an explicit MASTER_ADDR/PORT is kept;
 in a Slurm job it is the first node of the allocation with a port derived from the job id (every
@@ -48,17 +52,50 @@ def discover_ranks(environ=None, use_mpi: bool = True) -> RankInfo:
         local = _int_env("LOCAL_RANK", env) if "LOCAL_RANK" in env else rank
         local_world = _int_env("LOCAL_WORLD_SIZE", env) if "LOCAL_WORLD_SIZE" in env else world
         return RankInfo(rank, world, local, local_world, "torchrun")
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        step = RankInfo(_int_env("SLURM_PROCID", env), _int_env("SLURM_STEP_NUM_TASKS", env),
+                        _int_env("SLURM_LOCALID", env) if "SLURM_LOCALID" in env else 0,
+                        _tasks_on_this_node(env), "slurm")
+        if _mpi_agrees_with(step, env):
+            return step
     if use_mpi and any(name in env for name in _MPI_RANK_VARIABLES):
-        from mpi4py import MPI  # imported only under an MPI launcher: it initialises MPI
-
+        try:
+            from mpi4py import MPI  # imported only under an MPI launcher: it initialises MPI
+        except ImportError:
+            found = ", ".join(f"{name}={env[name]}" for name in _MPI_RANK_VARIABLES if name in env)
+            raise RuntimeError(f"an MPI launcher started this process ({found}) but mpi4py is not installed: "
+                               f"pip install mpi4py, or start the ranks with srun or torchrun") from None
         comm = MPI.COMM_WORLD
         local_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)
         return RankInfo(comm.Get_rank(), comm.Get_size(), local_comm.Get_rank(), local_comm.Get_size(), "mpi")
-    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
-        world = _int_env("SLURM_STEP_NUM_TASKS", env)
-        local_world = _int_env("SLURM_STEP_TASKS_PER_NODE", env) if "SLURM_STEP_TASKS_PER_NODE" in env else world
-        return RankInfo(_int_env("SLURM_PROCID", env), world, _int_env("SLURM_LOCALID", env), local_world, "slurm")
     return RankInfo(0, 1, 0, 1, "single")
+
+
+def _tasks_on_this_node(env) -> int:
+    """This node's task count from SLURM_STEP_TASKS_PER_NODE ("4(x2),3": 4 on the first two nodes,
+    3 on the third), at index SLURM_NODEID."""
+    text = env.get("SLURM_STEP_TASKS_PER_NODE")
+    if not text:
+        return _int_env("SLURM_STEP_NUM_TASKS", env)
+    counts = []
+    for part in text.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    node = _int_env("SLURM_NODEID", env) if "SLURM_NODEID" in env else 0
+    if not 0 <= node < len(counts):
+        raise RuntimeError(f"SLURM_NODEID={node} but SLURM_STEP_TASKS_PER_NODE={text!r} names {len(counts)} node(s)")
+    return counts[node]
+
+
+def _mpi_agrees_with(step: RankInfo, env) -> bool:
+    """No MPI variables, or ones naming the step's own ranks (srun --mpi=pmi2/pmix)."""
+    for rank_name, size_name in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                                 ("PMIX_RANK", None)):
+        if rank_name in env and _int_env(rank_name, env) != step.rank:
+            return False
+        if size_name and size_name in env and _int_env(size_name, env) != step.world_size:
+            return False
+    return True
 
 
 # ---- the rendezvous: master address and port --------------------------------------------------

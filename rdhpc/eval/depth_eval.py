@@ -166,7 +166,7 @@ def write_outputs(curve: DepthCurve, out_dir: str | Path) -> DepthCurve:
     return curve
 
 
-def run_eval(checkpoint: str, data: str, depths: list[int], out: str | None = None, split: str = "val",
+def run_eval(checkpoint: str, data: str | None, depths: list[int], out: str | None = None, split: str = "val",
              max_rows: int = 256, batch_size: int = 8, init_scale: float = 1.0, seed: int = 0,
              device: str = "cpu", log=print) -> DepthCurve:
     """`rdhpc eval`: load any checkpoint kind, evaluate the shards' rows at every depth, write outputs."""
@@ -177,6 +177,15 @@ def run_eval(checkpoint: str, data: str, depths: list[int], out: str | None = No
         raise EvalError("--max-rows and --batch-size must be >= 1")
     loaded = load_checkpoint(checkpoint, device=device)
     model = loaded.model
+    if data is None:
+        run = loaded.run_config
+        data = run and (run.data.val_dir or run.data.train_dir)
+        if not data:
+            raise EvalError(f"{loaded.path}: the checkpoint records no data folder; pass --data SHARDS")
+        if not Path(data).is_dir():
+            raise EvalError(f"{loaded.path}: the data folder it records, {data}, is not found from {Path.cwd()}; "
+                            f"pass --data SHARDS")
+        log(f"[eval] data: {data} (the checkpoint's run)")
     dataset = ShardDataset(data, split)
     if dataset.seq_len > model.config.max_seq_len:
         raise EvalError(f"{data}: rows of {dataset.seq_len} tokens, the model's max_seq_len is "

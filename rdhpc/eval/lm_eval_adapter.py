@@ -44,9 +44,10 @@ class RdhpcLM(TemplateLM):
         self._device = torch.device(device or "cpu")
         loaded = load_checkpoint(checkpoint, device=self._device)
         self.model = loaded.model
-        tokenizer = tokenizer or loaded.tokenizer
-        if tokenizer is None:
-            raise UserError(f"model_args checkpoint={checkpoint}: no tokenizer recorded with it; add tokenizer=PATH")
+        if not tokenizer:
+            tokenizer, missing = loaded.tokenizer_or_none_with_reason()
+            if tokenizer is None:
+                raise UserError(f"model_args checkpoint={checkpoint}: {missing}; add tokenizer=PATH")
         self.tok = TextTokenizer(tokenizer)
         self.num_steps = int(num_steps)
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> 8

@@ -45,7 +45,8 @@ def add_submit_parser(sub):
                    help="submit `rdhpc prep STAGE ARGS...` instead of training (must come last)")
     p.set_defaults(func=_cmd_submit)
 
-    p = sub.add_parser("status", help="state, segments, last step and loss, logs of a submitted job")
-    p.add_argument("job", help="job id, run folder or submitit folder")
+    p = sub.add_parser("status", help="state, step and loss, checkpoints and logs of a run (a submitted job "
+                                      "or a local run folder)")
+    p.add_argument("job", help="job id, run folder (a local run or its latest submission) or submitit folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)

@@ -105,9 +105,13 @@ def prepare_rank(max_segments: int):
     values = export_process_group_env(ranks)
     segment = current_segment()
     if ranks.is_main:
+        try:
+            address = socket.gethostbyname(values["MASTER_ADDR"])
+        except OSError as exc:
+            address = f"unresolved: {exc}"
         _job_log(f"[slurm] job {os.environ.get('SLURM_JOB_ID')} segment {segment}/{max_segments}: "
                  f"{ranks.world_size} rank(s) ({ranks.launcher}), rendezvous {values['MASTER_ADDR']}:"
-                 f"{values['MASTER_PORT']}, this rank on {socket.gethostname()}")
+                 f"{values['MASTER_PORT']} ({address}), this rank on {socket.gethostname()}")
     fault = os.environ.get("RDHPC_FAULT_FAIL_RANK")  # drills and tests: this rank fails at start
     if fault and int(fault) == ranks.rank:
         raise RuntimeError(f"rank {ranks.rank}: failing on purpose (RDHPC_FAULT_FAIL_RANK={fault})")

@@ -328,7 +328,8 @@ def cmd_submit(args) -> int:
         preset = load_preset(first.slurm.cluster)
         # preset-implied config (e.g. fixed gradient buckets) first, then the file's --set, then the CLI's
         overrides = preset.config_overrides() + args.overrides + slurm_args
-        run = load_config(args.config, overrides)
+        # the job may start in another folder (and the snapshot is read from anywhere): absolute paths
+        run = load_config(args.config, overrides).with_absolute_paths()
         if run.training_problems():
             raise ConfigError(run.training_problems(), args.config)
         run_dir = Path(run.logging.run_dir)

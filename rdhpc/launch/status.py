@@ -1,7 +1,7 @@
-"""`rdhpc status`: what Slurm and the run folder say about a submitted job.
+"""`rdhpc status`: what Slurm and the run folder say about a run, submitted or local.
 
     rdhpc status 1234            # a job id (the registry in RDHPC_JOBS_DIR or ~/.rdhpc/jobs)
-    rdhpc status runs/x          # a run folder: its latest submission
+    rdhpc status runs/x          # a run folder: its latest submission, or the local run in it
     rdhpc status 1234 --json
 
 Slurm's view comes from `scontrol show job` (live and recently finished jobs) or `sacct`; the run's
@@ -74,9 +74,9 @@ def slurm_job_info(job_id: str, timeout: float = 30) -> dict | None:
     return None
 
 
-def load_record(target: str) -> dict:
+def load_record(target: str) -> dict | None:
     """A job record from a job id (the registry in RDHPC_JOBS_DIR / ~/.rdhpc/jobs), a run folder
-    (its latest submission) or a submitit folder."""
+    (its latest submission) or a submitit folder; None for a run folder no job was submitted from."""
     path = Path(target)
     if path.is_dir():
         jobs = RunFolder(path).slurm_jobs
@@ -87,8 +87,12 @@ def load_record(target: str) -> dict:
         records = sorted(path.glob(f"*_{JOB_RECORD}"), key=lambda p: p.stat().st_mtime)
         if records:
             return json.loads(records[-1].read_text())
-        raise StatusError(f"{path}: no rdhpc job was submitted from this folder ({jobs.name} or *_{JOB_RECORD} "
-                          f"missing)")
+        run = RunFolder(path)
+        if _is_run_folder(run):
+            return None
+        marks = ", ".join(p.name for p in _run_marks(run))
+        raise StatusError(f"{path}: neither a run folder (none of {marks}) nor a folder an rdhpc job was "
+                          f"submitted from ({jobs.name} or *_{JOB_RECORD} missing)")
     if not target.replace("_", "").isdigit():
         raise StatusError(f"{target!r} is neither a job id nor a folder")
     registry = jobs_dir() / f"{target}.json"
@@ -127,23 +131,115 @@ def _task_errors(record: dict) -> list[tuple[int, str]]:
     return out
 
 
+def _run_marks(run: RunFolder) -> tuple:
+    return run.config, run.run_state, run.metrics, run.checkpoints
+
+
+def _is_run_folder(run: RunFolder) -> bool:
+    return any(path.exists() for path in _run_marks(run))
+
+
+def _local_state(run_state: dict, lock: dict | None, heartbeat_age: float | None) -> str:
+    """A local run's state: the trainer holding the lock is alive (running), or the end it recorded."""
+    from rdhpc.run_folder import RunLock
+
+    if lock:
+        me = RunLock._record()
+        if RunLock.gone(lock, me) is None and lock.get("host") == me["host"]:
+            return "running"
+        if lock.get("host") != me["host"]:
+            beat = f", last heartbeat {heartbeat_age:.0f} s ago" if heartbeat_age is not None else ""
+            return f"running or dead on {lock.get('host')} (its lock is held{beat})"
+        return "interrupted (its trainer is gone without recording an end)"
+    return run_state.get("state") or "not started"
+
+
+def run_folder_status(root: str | Path) -> dict:
+    """What a run folder says of itself: its end (run_state.json), its last step and loss
+    (metrics.jsonl), its checkpoints, who holds it (rdhpc.lock), its heartbeats and where to look."""
+    from rdhpc.train.checkpoint import TAG_PATTERN, UNIVERSAL_SUFFIX, is_tag_folder, read_latest
+
+    run = RunFolder(Path(root).absolute())
+    status = {"run_dir": str(run.root), "run_state": run.read_run_state()}
+    metrics = run.metrics_lines()
+    if metrics:
+        status.update(last_step=metrics[-1].get("step"), last_loss=metrics[-1].get("loss"),
+                      last_step_time=metrics[-1].get("time"), steps_logged=len(metrics))
+    tags = sorted(p.name for p in run.checkpoints.glob(TAG_PATTERN)
+                  if not p.name.endswith(UNIVERSAL_SUFFIX) and is_tag_folder(p)) if run.checkpoints.is_dir() else []
+    status["checkpoints"] = {"folder": str(run.checkpoints), "tags": tags,
+                             "latest": read_latest(run.checkpoints) if run.checkpoints.is_dir() else None}
+    lock = None
+    if run.lock.is_file():
+        try:
+            lock = json.loads(run.lock.read_text())
+        except (OSError, ValueError):
+            lock = {}
+    beats = list(run.heartbeats.glob("rank*.json")) if run.heartbeats.is_dir() else []
+    heartbeat_age = time.time() - max(p.stat().st_mtime for p in beats) if beats else None
+    status["lock"], status["heartbeat_age_s"] = lock, heartbeat_age
+    status["state"] = _local_state(status["run_state"], lock, heartbeat_age)
+    status["files"] = {name: str(path) for name, path in (
+        ("log", run.train_log), ("metrics", run.metrics), ("config", run.config), ("tensorboard", run.tensorboard),
+        ("slurm logs", run.slurm)) if path.exists()}
+    return status
+
+
 def job_status(target: str) -> dict:
+    """A job's status (Slurm's and its run folder's), or a local run's from its folder alone."""
     record = load_record(target)
+    if record is None:
+        local = run_folder_status(target)
+        return {"job_id": None, "state": local["state"], "run": local, **_run_summary(local)}
     info = slurm_job_info(record["job_id"]) or {"state": "UNKNOWN"}
     status = {"job_id": record["job_id"], "state": info["state"], "slurm": info, "record": record}
     if record.get("run_dir"):
-        run = RunFolder(record["run_dir"])
-        if run.run_state.is_file():
-            status["run_state"] = run.read_run_state()
-        metrics = run.metrics_lines()
-        if metrics:
-            status["last_step"], status["last_loss"] = metrics[-1].get("step"), metrics[-1].get("loss")
+        status["run"] = run_folder_status(record["run_dir"])
+        status.update(_run_summary(status["run"]))
     if info["state"] not in LIVE_STATES:
         status["errors"] = _task_errors(record)
     return status
 
 
+def _run_summary(run: dict) -> dict:
+    """The keys scripts read first: run_state, last_step, last_loss."""
+    out = {"run_state": run["run_state"]} if run["run_state"] else {}
+    if "last_step" in run:
+        out.update(last_step=run["last_step"], last_loss=run["last_loss"])
+    return out
+
+
+def _format_run(status: dict, lines: list[str]) -> None:
+    if "run_state" in status:
+        rs = status["run_state"]
+        lines.append(f"  run: {rs.get('state')} at step {rs.get('step')}" + (f" ({rs['reason']})" if rs.get("reason") else ""))
+        if rs.get("error"):
+            lines.append(f"  run error: {rs['error'].splitlines()[0]}")
+    if status.get("last_step") is not None:
+        lines.append(f"  last step {status['last_step']}, loss {status['last_loss']:.4f}")
+    run = status.get("run")
+    if not run:
+        return
+    ckpt = run["checkpoints"]
+    if ckpt["tags"]:
+        shown = ", ".join(ckpt["tags"][-3:]) + (f" (and {len(ckpt['tags']) - 3} older)" if len(ckpt["tags"]) > 3 else "")
+        lines.append(f"  checkpoints: {shown}; latest {ckpt['latest']} in {ckpt['folder']}")
+    else:
+        lines.append(f"  checkpoints: none in {ckpt['folder']}")
+    if run["heartbeat_age_s"] is not None and status["state"] in LIVE_STATES + ("running",):
+        lines.append(f"  last heartbeat {run['heartbeat_age_s']:.0f} s ago")
+    named_by_job = {"tensorboard"} if status.get("record", {}).get("tensorboard") else set()
+    for name, path in run["files"].items():
+        if name not in named_by_job:
+            lines.append(f"  {name}: {path}")
+
+
 def format_status(status: dict) -> str:
+    if status["job_id"] is None:
+        lines = [f"run {status['run']['run_dir']}: {status['state']} (a local run: no Slurm job was submitted "
+                 f"from this folder)"]
+        _format_run(status, lines)
+        return "\n".join(lines)
     record, info = status["record"], status["slurm"]
     restarts = info.get("restarts")
     segments = f", segment {restarts + 1}" if restarts is not None else ""
@@ -153,13 +249,7 @@ def format_status(status: dict) -> str:
     if record.get("cluster"):
         lines.append(f"  cluster {record['cluster']}, {record.get('num_tasks')} task(s), "
                      f"nodes {info.get('nodes') or '-'}")
-    if "run_state" in status:
-        rs = status["run_state"]
-        lines.append(f"  run: {rs.get('state')} at step {rs.get('step')}" + (f" ({rs['reason']})" if rs.get("reason") else ""))
-        if rs.get("error"):
-            lines.append(f"  run error: {rs['error'].splitlines()[0]}")
-    if status.get("last_step") is not None:
-        lines.append(f"  last step {status['last_step']}, loss {status['last_loss']:.4f}")
+    _format_run(status, lines)
     for task, text in status.get("errors", []):
         lines.append(f"  error of task {task} (rank {task}): {text.splitlines()[-1]}")
         lines += [f"    {line}" for line in text.splitlines()[:-1]]

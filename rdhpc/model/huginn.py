@@ -11,6 +11,7 @@ layouts are identical ([q; k; v] rows, [gate; up] rows, adapter input [state ; e
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -154,6 +155,27 @@ def config_from_released(raw: dict, source: str = CONFIG_FILE) -> ModelConfig:
     return config
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def write_safetensors(tensors: dict, path: Path, metadata: dict) -> Path:
+    """safetensors' save_file through a temporary name, then the mode any new file gets (0666 less
+    the umask): save_file creates its file 0600, which others on a shared project space cannot read."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())
+    tmp.replace(path)
+    return path
+
+
 def save_huginn(model: RecurrentDepthModel, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write `path/config.json` and `path/model.safetensors` in the released layout."""
     path = Path(path)
@@ -162,9 +184,7 @@ def save_huginn(model: RecurrentDepthModel, path: str | Path, dtype: torch.dtype
     tensors = {released_name(name): t.detach().to(dtype).contiguous().cpu()
                for name, t in model.state_dict().items()}
     # The released file omits lm_head.weight when it is tied; so do we.
-    tmp = path / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path / WEIGHTS_FILE)
+    write_safetensors(tensors, path / WEIGHTS_FILE, {"format": "pt"})
     (path / CONFIG_FILE).write_text(json.dumps(released_config(model.config, dtype), indent=2) + "\n")
     return path
 

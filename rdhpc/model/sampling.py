@@ -16,7 +16,7 @@ import numpy as np
 
 
 # Streams of row noise: training rows at a step, validation rows (keyed by their row index).
-TRAIN_NOISE, VALIDATION_NOISE = 0, 1
+TRAIN_NOISE, VALIDATION_NOISE, GENERATION_NOISE = 0, 1, 2
 
 
 def row_noise_seeds(seed: int, step: int, rows, stream: int = TRAIN_NOISE) -> list[int]:

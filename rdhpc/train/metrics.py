@@ -1,5 +1,6 @@
 """Honest throughput: model FLOPs counted for the depth actually sampled in a step; and the one sink
-of a run's metrics (MetricsSink: TensorBoard, metrics.jsonl, the log, on the main rank only).
+of a run's metrics (MetricsSink: TensorBoard, metrics.jsonl, the log, on the main rank only), and
+the run's log file (RunLog: RUN_DIR/train.log).
 
 The paper's trainer logged MFU for the MEAN depth, so a step at r = 90 and one at r = 5 reported the
 same FLOPs. Here a step with n iterations without gradient and k with gradient counts:
@@ -100,3 +101,35 @@ class MetricsSink:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class RunLog:
+    """The main rank's log: printed as before and, once the run folder is this trainer's
+    (`open`, after its lock is taken), appended to RUN_DIR/train.log with the time, segment after
+    segment, so a local run has its log where `rdhpc status RUN_DIR` points (a Slurm job also has
+    its per-task logs)."""
+
+    def __init__(self, log=print):
+        self.log, self.file = log, None  # log None: print nothing (the other ranks)
+
+    def open(self, path) -> None:
+        self.file = open(path, "a", buffering=1)  # line-buffered: a killed run keeps its last line
+
+    def __call__(self, *parts, **kwargs) -> None:
+        if self.log is not None:
+            self.log(*parts, **kwargs)
+        self.to_file(*parts)
+
+    def to_file(self, *parts) -> None:
+        """Into train.log only (e.g. the error the command line prints itself)."""
+        if self.file is not None:
+            import time
+
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            for line in " ".join(str(p) for p in parts).splitlines() or [""]:
+                self.file.write(f"{stamp} {line}\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None

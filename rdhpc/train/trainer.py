@@ -40,7 +40,7 @@ from rdhpc.run_folder import STOP_AT_VARIABLE, RunFolder, RunLock, RunLockError
 from rdhpc.train.checkpoint import DEEPSPEED_CONFIG, RUN_CONFIG, Checkpointer
 from rdhpc.train.engine import attention_kernels, build_engine, quiet_deepspeed_deprecations, skip_deepspeed_shm_op
 from rdhpc.train.heartbeat import Heartbeat, diagnose
-from rdhpc.train.metrics import MetricsSink, flops_per_token, peak_tflops
+from rdhpc.train.metrics import MetricsSink, RunLog, flops_per_token, peak_tflops
 from rdhpc.train.optim import LRSchedule
 
 # Fault injection for tests and drills: "3,4" makes rank 0's loss NaN at optimizer steps 3 and 4.
@@ -75,8 +75,10 @@ class Trainer:
         problems = run.training_problems()
         if problems:
             raise ConfigError(problems)
+        # paths as the user gave them, relative to this folder; everything the run saves names them absolutely
+        run = run.with_absolute_paths()
         self.run, self.ranks = run, ranks
-        self.log = log if ranks.is_main else (lambda *a, **k: None)
+        self.log = RunLog(log if ranks.is_main else None)
         self.folder = RunFolder(run.logging.run_dir)
         self.step = 0
         self.start_step = 0  # the step this segment started from (its resume point)
@@ -112,6 +114,7 @@ class Trainer:
         if self.ranks.is_main:
             try:
                 self.lock.acquire(log=self.log)
+                self.log.open(self.folder.train_log)
             except RunLockError as exc:
                 lock_error = exc
         self._init_distributed(backend="nccl" if use_cuda else "gloo")
@@ -306,6 +309,7 @@ class Trainer:
         if skipped:
             self.log(f"[train] step {self.step}: non-finite loss or gradient, update skipped "
                      f"({self.consecutive_skips} in a row, {self.skipped_steps} in all)")
+        if skipped or self.step == self.start_step + 1:  # from a segment's first step on: a flat 0 is news too
             self.sink.scalars(self.step, {"train/skipped_steps": self.skipped_steps})
         if self.consecutive_skips >= self.run.train.max_consecutive_skips:
             raise TrainingError(f"rank {self.ranks.rank}: {self.consecutive_skips} consecutive steps with a "
@@ -410,6 +414,7 @@ class Trainer:
             signal.signal(sig, handler)
         if self.sink is not None:
             self.sink.close()
+        self.log.close()
         self.lock.release()
         self._destroy_process_group(failed)
 
@@ -454,6 +459,7 @@ def train(run: RunConfig, ranks: RankInfo, log=print) -> TrainResult:
     except UserError as exc:
         trainer.heartbeat.stop(f"failed: {exc}"[:500])
         trainer.write_run_state("failed", error=str(exc)[:2000])
+        trainer.log.to_file(f"[train] failed: {exc}")
         raise
     except Exception as exc:
         trainer.heartbeat.stop(f"failed: {type(exc).__name__}: {exc}"[:500])
@@ -464,6 +470,7 @@ def train(run: RunConfig, ranks: RankInfo, log=print) -> TrainResult:
         message = (f"rank {ranks.rank} failed at step {trainer.step}: {type(exc).__name__}: "
                    f"{str(exc).splitlines()[0] if str(exc) else ''}. {report}")
         trainer.write_run_state("failed", error=message)
+        trainer.log.to_file(f"[train] failed: {message}")
         if is_collective_failure(exc):
             raise TrainingError(message) from exc
         if hasattr(exc, "add_note"):  # the traceback of a bug, with what the heartbeats say
