@@ -506,6 +506,31 @@ def test_rank_discovery_from_each_launcher():
     assert discover_ranks({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "7"}).world_size == 1
     with pytest.raises(RuntimeError, match="RANK='x'"):
         discover_ranks({"RANK": "x", "WORLD_SIZE": "2"})
+    # tasks per node differ: this node's count at SLURM_NODEID
+    uneven = {"SLURM_PROCID": "8", "SLURM_STEP_NUM_TASKS": "9", "SLURM_LOCALID": "0", "SLURM_NODEID": "2",
+              "SLURM_STEP_TASKS_PER_NODE": "4(x2),1"}
+    assert discover_ranks(uneven).local_world_size == 1
+
+
+def test_inside_a_slurm_step_slurms_ranks_win_over_pmi(monkeypatch):
+    """srun --mpi=pmi2 (or pmix) puts PMI_RANK/PMI_SIZE into every task: the same ranks, so Slurm's
+    variables are used and mpi4py is not even imported (it may not be installed); an MPI launcher
+    whose ranks differ from the step's (mpirun over srun-started proxies) is asked through MPI."""
+    import sys
+
+    from rdhpc.distributed.ranks import discover_ranks
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # importing it raises ImportError
+    step = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+            "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+    for mpi in ({"PMI_RANK": "3", "PMI_SIZE": "4", "PMI_FD": "7"}, {"PMIX_RANK": "3"}, {}):
+        info = discover_ranks({**step, **mpi})
+        assert (info.rank, info.world_size, info.local_rank, info.local_world_size, info.launcher) == (3, 4, 1, 2, "slurm")
+    # mpirun inside the step: its ranks are not the step's, so MPI is asked, and its absence is an error
+    with pytest.raises(RuntimeError, match="mpi4py is not installed"):
+        discover_ranks({**step, "PMI_RANK": "5", "PMI_SIZE": "8"})
+    with pytest.raises(RuntimeError, match=r"an MPI launcher started this process \(PMI_RANK=1\)"):
+        discover_ranks({"PMI_RANK": "1"})
 
 
 def test_output_does_not_depend_on_where_the_corpus_lies(tmp_path, corpus, tokenizer_path):

@@ -3,6 +3,7 @@
 
     python tools/slurm_local.py install              # apt-get install slurm-wlm munge (root)
     python tools/slurm_local.py start /tmp/slurm     # prints `export SLURM_CONF=...; export PATH=...`
+    python tools/slurm_local.py start /tmp/cluster --nodes 3   # n1..n3 in namespaces (tools/slurm_netns.py)
     eval "$(python tools/slurm_local.py env /tmp/slurm)"; sbatch ...; sinfo
     python tools/slurm_local.py stop /tmp/slurm
 
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TOOLS))  # slurm_netns, its sibling
 SACCT_DIR = TOOLS / "slurm-bin"
 DAEMONS = ("munged", "slurmctld", "slurmd")
 APT_PACKAGES = ["slurm-wlm", "munge"]
@@ -99,11 +101,19 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def _multi_node(state: Path) -> bool:
+    return (Path(state) / "cluster.json").exists()
+
+
 def environment(state: Path) -> dict[str, str]:
-    """What a client (sbatch, submitit, the tests) needs to talk to this cluster."""
+    """What a client (sbatch, submitit, the tests) needs to talk to this cluster: SLURM_CONF, and
+    first on PATH the sacct stand-in (one node) or the wrappers that enter the controller's
+    namespaces (several nodes)."""
+    state = Path(state).resolve()
+    first = state / "bin" if _multi_node(state) else SACCT_DIR
     path = os.environ.get("PATH", "")
-    parts = [p for p in path.split(os.pathsep) if p and p != str(SACCT_DIR)]
-    return {"SLURM_CONF": str(state / "slurm.conf"), "PATH": os.pathsep.join([str(SACCT_DIR), *parts])}
+    parts = [p for p in path.split(os.pathsep) if p and p not in (str(SACCT_DIR), str(first))]
+    return {"SLURM_CONF": str(state / "slurm.conf"), "PATH": os.pathsep.join([str(first), *parts])}
 
 
 def _run(cmd, env=None, timeout=30, check=True):
@@ -143,12 +153,17 @@ def node_state(state: Path, timeout: float = 10) -> str | None:
 
 
 def is_running(state: Path) -> bool:
+    state = Path(state).resolve()
+    if _multi_node(state):
+        pids = json.loads((state / "cluster.json").read_text()).get("pids", {})
+        return bool(pids) and all(_alive(p) for p in pids.values()) and node_state(state) is not None
     pids = json.loads((state / "pids.json").read_text()) if (state / "pids.json").exists() else {}
     return bool(pids) and all(_alive(pids.get(d)) for d in DAEMONS) and node_state(state) is not None
 
 
-def start(state: Path, cpus: int = 2, memory_mb: int = 20000, timeout: float = 60) -> dict[str, str]:
-    """Start munged, slurmctld and slurmd under `state`; return the client environment. Raises
+def start(state: Path, cpus: int = 2, memory_mb: int = 20000, timeout: float = 60, nodes: int = 1) -> dict[str, str]:
+    """Start munged, slurmctld and slurmd under `state` (with `nodes` > 1: a slurmd per node, each
+    in namespaces of its own, tools/slurm_netns.py); return the client environment. Raises
     SlurmSetupError with the daemons' own log lines when something does not come up."""
     state = Path(state).resolve()
     for daemon in DAEMONS:
@@ -157,16 +172,71 @@ def start(state: Path, cpus: int = 2, memory_mb: int = 20000, timeout: float = 6
                                   f"(apt-get install -y --no-install-recommends {' '.join(APT_PACKAGES)})")
     if is_running(state):
         return environment(state)
+    if nodes > 1:
+        return _start_multi_node(state, nodes, cpus, memory_mb, timeout)
     for sub in ("munge", "ctld", "spool", "log"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o755)
     conf = slurm_conf(state, _free_port(), _free_port(), cpus, memory_mb)
     (state / "slurm.conf").write_text(conf)
     env = dict(os.environ, **environment(state))
-    pids: dict[str, int] = {}
+    pids: dict[str, int] = {"munged": _start_munged(state)}
 
-    # munge: a private key and socket; munged refuses to run as root and checks that its folder
-    # belongs to it and is not writable by others.
+    _run(["/usr/sbin/slurmctld"], env=env)
+    pids["slurmctld"] = _wait_for_pid(state / "slurmctld.pid", "slurmctld", state / "log" / "slurmctld.log")
+    _run(["/usr/sbin/slurmd", "-N", "localhost"], env=env)
+    pids["slurmd"] = _wait_for_pid(state / "slurmd.pid", "slurmd", state / "log" / "slurmd.log")
+    (state / "pids.json").write_text(json.dumps(pids))
+    _wait_idle(state, timeout, ["localhost"])
+    return environment(state)
+
+
+def _start_multi_node(state: Path, nodes: int, cpus: int, memory_mb: int, timeout: float) -> dict[str, str]:
+    import slurm_netns
+
+    started = time.monotonic()
+    (state / "munge").mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o755)
+    plan = slurm_netns.layout(state, nodes)
+    (state / "slurm.conf").write_text(slurm_netns.slurm_conf(state, plan, cpus, memory_mb))
+    slurm_netns.write_client_wrappers(state, plan, SACCT_DIR / "sacct")
+    (state / "cluster.json").write_text(json.dumps({**plan, "pids": {}}))  # stop() finds the namespaces
+    try:
+        plan["pids"] = {"munged": _start_munged(state)}
+        (state / "cluster.json").write_text(json.dumps(plan))
+        slurm_netns.make_network(plan)
+        plan["pids"].update(slurm_netns.start_daemons(state, plan))
+        (state / "cluster.json").write_text(json.dumps(plan))
+        _wait_idle(state, timeout, [f"n{i}" for i in range(1, nodes + 1)])
+    except Exception as exc:
+        logs = "".join(_tail(state / "log" / name) for name in (
+            "slurmctld.log", "slurmctld.out", *[f"slurmd.n{i}.{ext}" for i in range(1, nodes + 1) for ext in ("log", "out")]))
+        stop(state)
+        raise SlurmSetupError(f"the {nodes}-node cluster did not start: {type(exc).__name__}: {exc}\n{logs}") from exc
+    plan["startup_s"] = time.monotonic() - started
+    (state / "cluster.json").write_text(json.dumps(plan))
+    return environment(state)
+
+
+def _wait_idle(state: Path, timeout: float, names: list[str]) -> None:
+    env = dict(os.environ, **environment(state))
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        seen = node_state(state)
+        states = (seen or "").split()
+        if len(states) == len(names) and all(s.startswith("idle") for s in states):
+            return
+        if any(word in (seen or "") for word in ("down", "drain", "fail")):
+            _run(["scontrol", "update", f"NodeName={','.join(names)}", "State=RESUME"], env=env, check=False)
+        time.sleep(0.2)
+    logs = _tail(state / "log" / "slurmctld.log")
+    raise SlurmSetupError(f"the Slurm nodes did not become idle within {timeout:.0f} s (state {seen!r});\n{logs}")
+
+
+def _start_munged(state: Path) -> int:
+    """munge: a private key and socket; munged refuses to run as root and checks that its folder
+    belongs to it and is not writable by others."""
     munge = pwd.getpwnam("munge")
     munge_dir = state / "munge"
     key = munge_dir / "munge.key"
@@ -180,28 +250,7 @@ def start(state: Path, cpus: int = 2, memory_mb: int = 20000, timeout: float = 6
                     f"--socket={munge_dir / 'munge.socket'}", f"--key-file={key}",
                     f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={munge_dir / 'munged.log'}",
                     f"--seed-file={munge_dir / 'munged.seed'}"], check=True, timeout=30, capture_output=True)
-    pids["munged"] = _wait_for_pid(munge_dir / "munged.pid", "munged", munge_dir / "munged.log")
-
-    _run(["/usr/sbin/slurmctld"], env=env)
-    pids["slurmctld"] = _wait_for_pid(state / "slurmctld.pid", "slurmctld", state / "log" / "slurmctld.log")
-    _run(["/usr/sbin/slurmd", "-N", "localhost"], env=env)
-    pids["slurmd"] = _wait_for_pid(state / "slurmd.pid", "slurmd", state / "log" / "slurmd.log")
-    (state / "pids.json").write_text(json.dumps(pids))
-
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        seen = node_state(state)
-        if seen and seen.startswith("idle"):
-            break
-        if seen and any(word in seen for word in ("down", "drain", "fail")):
-            _run(["scontrol", "update", "NodeName=localhost", "State=RESUME"], env=env, check=False)
-        time.sleep(0.5)
-    else:
-        logs = _tail(state / "log" / "slurmctld.log") + _tail(state / "log" / "slurmd.log")
-        stop(state)
-        raise SlurmSetupError(f"the Slurm node did not become idle within {timeout:.0f} s (state {seen!r});\n{logs}")
-    return environment(state)
+    return _wait_for_pid(munge_dir / "munged.pid", "munged", munge_dir / "munged.log")
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -225,6 +274,13 @@ def stop(state: Path, timeout: float = 30) -> None:
     """Stop the daemons started by `start` by their PIDs (waiting on them: the pid files vanish
     before the processes exit)."""
     state = Path(state).resolve()
+    if _multi_node(state):
+        import slurm_netns
+
+        munged = json.loads((state / "cluster.json").read_text()).get("pids", {}).get("munged")
+        slurm_netns.teardown(state, _alive, timeout)
+        _stop_pid(munged or _read_pid(state / "munge" / "munged.pid"), timeout / 3)
+        return
     pids = json.loads((state / "pids.json").read_text()) if (state / "pids.json").exists() else {}
     for name, pid_file in (("slurmctld", state / "slurmctld.pid"), ("slurmd", state / "slurmd.pid"),
                            ("munged", state / "munge" / "munged.pid")):
@@ -237,14 +293,27 @@ def stop(state: Path, timeout: float = 30) -> None:
             pass
     for name in ("slurmd", "slurmctld", "munged"):
         pid = pids.get(name)
+        if name == "munged":
+            _stop_pid(pid, timeout / 3)
+            continue
         deadline = time.monotonic() + timeout / 3
-        if name == "munged" and _alive(pid):
-            os.kill(pid, signal.SIGTERM)
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
     (state / "pids.json").unlink(missing_ok=True)
+
+
+def _stop_pid(pid: int | None, timeout: float) -> None:
+    """SIGTERM, a wait, then SIGKILL."""
+    if not _alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
 
 
 def main(argv=None) -> int:
@@ -254,6 +323,9 @@ def main(argv=None) -> int:
     for name in ("start", "stop", "env", "status"):
         p = sub.add_parser(name)
         p.add_argument("state", help="state folder of this cluster")
+        if name == "start":
+            p.add_argument("--nodes", type=int, default=1,
+                           help="compute nodes n1..nN, each in namespaces of its own (default 1: localhost)")
     args = parser.parse_args(argv)
     if args.command == "install":
         install()
@@ -261,7 +333,7 @@ def main(argv=None) -> int:
     state = Path(args.state)
     if args.command == "start":
         try:
-            env = start(state)
+            env = start(state, nodes=args.nodes)
         except SlurmSetupError as exc:
             print(f"slurm_local: {exc}", file=sys.stderr)
             return 1

@@ -1,0 +1,103 @@
+"""Jobs across hosts, on a real multi-node Slurm: nodes n1-n3, each a slurmd in network, mount and
+UTS namespaces of its own (its address on 127.100.0.0/24, its host name, its node-local folder),
+started by tests/slurm_cluster.py (tools/slurm_netns.py). Ranks on different hosts meet at the first
+node's address, and give the losses the same ranks give on one host."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slurm_cluster import multi_node_cluster  # noqa: F401  (module fixture)
+from test_slurm import JOB_TIMEOUT, job_env, job_id_of, losses, rdhpc, shards, train_args  # noqa: F401
+
+
+def submit_training(tmp_path, shards, name, nodes, tasks_per_node, *overrides):
+    run_dir = tmp_path / name
+    started = time.monotonic()
+    done = rdhpc("submit", *train_args(shards, run_dir, "train.max_steps=6", *overrides), "--nodes", nodes,
+                 "--tasks-per-node", tasks_per_node, "--time", "10", "--wait", "--timeout", JOB_TIMEOUT,
+                 env=job_env(tmp_path))
+    job = job_id_of(done.stdout)
+    assert f"job {job}: COMPLETED" in done.stdout, done.stdout
+    return run_dir, job, time.monotonic() - started
+
+
+@pytest.mark.parametrize("tasks_per_node", [1, 2])
+def test_ranks_on_two_hosts_give_the_losses_of_one_host(tmp_path, shards, multi_node_cluster, tasks_per_node):
+    ranks = 2 * tasks_per_node
+    batch = f"train.micro_batch_size={8 // ranks}"  # the global batch of 8 split over the ranks
+    across, job, seconds = submit_training(tmp_path, shards, "two-nodes", 2, tasks_per_node, batch)
+    log0 = (across / "slurm" / f"{job}_0_log.out").read_text()
+    # the rendezvous is the first node's name and address (not loopback); every rank says its host
+    assert f"{ranks} rank(s) (slurm), rendezvous n1:" in log0 and "(127.100.0.11), this rank on n1" in log0, log0[-3000:]
+    hosts = {int(line.split()[2].rstrip(":")): line.split()[3]
+             for line in log0.splitlines() if line.startswith("[preflight] rank ")}
+    assert hosts == {r: f"n{1 + r // tasks_per_node}" for r in range(ranks)}, log0[-3000:]
+    assert "[preflight] all-reduce" in log0
+    one, _, _ = submit_training(tmp_path, shards, "one-node", 1, ranks, batch)
+    assert losses(across) == losses(one)  # the same ranks and batches: bit-identical in fp32
+    assert sorted(losses(across)) == list(range(1, 7))
+    print(f"2 nodes x {tasks_per_node} task(s), 6 steps: {seconds:.1f} s")
+
+
+def test_node_local_folders_and_names_are_each_nodes_own(tmp_path, multi_node_cluster):
+    local = multi_node_cluster["local"]
+    script = tmp_path / "where.sh"
+    out = tmp_path / "where.out"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --output={out}
+srun bash -c 'echo "$SLURM_PROCID $(hostname) $(getent hosts n1 | cut -d" " -f1)" > {local}/mark; cat {local}/mark'
+""")
+    job = subprocess.run(["sbatch", "--parsable", "--wait", str(script)], capture_output=True, text=True,
+                         timeout=JOB_TIMEOUT, check=True).stdout.strip()
+    lines = sorted(out.read_text().split("\n")[:2])
+    assert lines == ["0 n1 127.100.0.11", "1 n2 127.100.0.11"], (job, out.read_text())
+    state = multi_node_cluster["state"]
+    assert (state / "nodes" / "n1" / "local" / "mark").read_text().startswith("0 n1")
+    assert (state / "nodes" / "n2" / "local" / "mark").read_text().startswith("1 n2")
+    assert not (local / "mark").exists()  # the machine's own folder under the bind mounts stays empty
+
+
+def test_srun_mpi_pmi2_ranks_come_from_slurm_with_or_without_mpi4py(tmp_path, multi_node_cluster):
+    """srun --mpi=pmi2 puts PMI_RANK/PMI_SIZE into every task: rank discovery gives Slurm's ranks,
+    and does not need mpi4py (hidden from the second step)."""
+    script = tmp_path / "pmi.sh"
+    out = tmp_path / "pmi.out"
+    probe = ("import os, sys; {hide}from rdhpc.distributed.ranks import discover_ranks; r = discover_ranks(); "
+             "print('rank', r.rank, r.world_size, r.local_rank, r.local_world_size, r.launcher, "
+             "os.environ.get('PMI_RANK'), sys.modules.get('mpi4py') is not None)")
+    lines = []
+    for hide in ("", "sys.modules['mpi4py'] = None; "):
+        lines.append(f"srun --mpi=pmi2 --ntasks-per-node=2 {sys.executable} -c \"{probe.format(hide=hide)}\"")
+    script.write_text("#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=2\n"
+                      f"#SBATCH --output={out}\ncd {os.getcwd()}\nexport PYTHONPATH={os.getcwd()}\n" + "\n".join(lines) + "\n")
+    subprocess.run(["sbatch", "--wait", str(script)], capture_output=True, text=True, timeout=JOB_TIMEOUT, check=True)
+    seen = sorted(line for line in out.read_text().splitlines() if line.startswith("rank "))
+    expected = sorted(f"rank {r} 4 {r % 2} 2 slurm {r} False" for r in range(4))
+    assert seen == sorted(expected * 2), out.read_text()[-3000:]
+
+
+def test_the_cluster_is_only_reachable_through_its_namespaces(multi_node_cluster):
+    """From the machine's own namespace the controller's address is this machine's loopback, where
+    nothing listens: a client that bypasses the wrappers reaches nothing (and nothing else)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        assert probe.connect_ex(("127.100.0.1", 6817)) != 0
+    bare = {k: v for k, v in os.environ.items()}
+    bare["PATH"] = os.pathsep.join(p for p in bare["PATH"].split(os.pathsep) if p != str(multi_node_cluster["state"] / "bin"))
+    done = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, env=bare, timeout=30)
+    assert done.returncode != 0 and "Unable to contact slurm controller" in done.stderr
+    plan = json.loads((multi_node_cluster["state"] / "cluster.json").read_text())
+    assert plan["startup_s"] < 10
+    routes = subprocess.run(["ip", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    assert "127.100.0" not in routes  # the root namespace's routes are untouched
