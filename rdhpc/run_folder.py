@@ -15,6 +15,8 @@
       slurm_jobs.jsonl     one record per submission from this folder (`rdhpc status RUN_DIR`)
       rdhpc.lock           the run's owner while a trainer runs (host, pid, Slurm job): RunLock
       shards_verified.json the shard folders fully verified for this run (data.verify_checksums: once)
+      failure_requeues.jsonl  each time the job requeued itself after a failure not its own (why,
+                           which host it excluded); failure_claim.JOB.SEGMENT: which rank did it
 
 The trainer, the launcher, `rdhpc status`, export and the demo all reach these files through
 RunFolder, so a rename happens here or nowhere.
@@ -53,6 +55,17 @@ class RunFolder:
     slurm_jobs = property(lambda self: self.root / "slurm_jobs.jsonl")
     lock = property(lambda self: self.root / "rdhpc.lock")
     shards_verified = property(lambda self: self.root / "shards_verified.json")
+    failure_requeues = property(lambda self: self.root / "failure_requeues.jsonl")
+
+    def failure_claim(self, job_id: str, segment: int) -> Path:
+        """Created with O_EXCL by the one surviving rank that requeues the job after a failure."""
+        return self.root / f"failure_claim.{job_id}.{segment}"
+
+    def failure_records(self, job_id: str | None = None) -> list[dict]:
+        if not self.failure_requeues.is_file():
+            return []
+        records = [json.loads(line) for line in self.failure_requeues.read_text().splitlines() if line.strip()]
+        return [r for r in records if job_id is None or str(r.get("job_id")) == str(job_id)]
 
     def read_run_state(self) -> dict:
         """The last run_state.json, {} when there is none (or it cannot be read)."""

@@ -101,3 +101,71 @@ def test_the_cluster_is_only_reachable_through_its_namespaces(multi_node_cluster
     assert plan["startup_s"] < 10
     routes = subprocess.run(["ip", "route", "show", "table", "all"], capture_output=True, text=True).stdout
     assert "127.100.0" not in routes  # the root namespace's routes are untouched
+
+
+def test_a_job_heals_itself_after_a_rank_is_killed(tmp_path, shards, multi_node_cluster):
+    """kill -9 of one rank's training process (as the OOM killer or a GPU fault would): the rank
+    that survives requeues the job, excluding the dead rank's host; the next segment resumes from
+    the last checkpoint on the remaining nodes and finishes; its losses are those of a run that was
+    never interrupted. One job id got to the end."""
+    import signal
+
+    steps = 30
+    overrides = [f"train.max_steps={steps}", "checkpoint.interval=4", "train.heartbeat_interval_s=1",
+                 "train.collective_timeout_s=20"]
+    run_dir = tmp_path / "healed"
+    env = job_env(tmp_path)
+    done = rdhpc("submit", *train_args(shards, run_dir, *overrides), "--nodes", 2, "--tasks-per-node", 1,
+                 "--time", "10", env=env)
+    job = job_id_of(done.stdout)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 6:
+            break
+        time.sleep(0.1)
+    beat = json.loads((run_dir / "heartbeat" / "rank1.json").read_text())
+    assert beat["host"] == "n2", beat
+    killed_at = time.monotonic()
+    os.kill(beat["pid"], signal.SIGKILL)
+    from rdhpc.launch.status import wait_for_job
+
+    state = wait_for_job(job, timeout=JOB_TIMEOUT)
+    status = rdhpc("status", job, env=env).stdout
+    assert state == "COMPLETED", status
+    info = json.loads(rdhpc("status", job, "--json", env=env).stdout)
+    assert info["slurm"]["restarts"] == 1 and info["run_state"]["state"] == "completed", status
+    records = info["run"]["failure_requeues"]
+    # requeued once, by the killed rank's guard or by the survivor, whichever claimed it first
+    assert len(records) == 1 and records[0]["exclude"] == "n2" and records[0]["segment"] == 1, records
+    assert "rank 1 (host n2" in records[0]["reason"] and "n2 excluded" in status, status
+    assert "n2" not in info["slurm"]["nodes"]  # the second segment ran elsewhere
+    reference = tmp_path / "reference"
+    rdhpc("submit", *train_args(shards, reference, *overrides), "--nodes", 1, "--tasks-per-node", 2, "--time", "10",
+          "--wait", "--timeout", JOB_TIMEOUT, env=env)
+    assert losses(run_dir) == losses(reference)  # resumed exactly from the checkpoint
+    print(f"healed: detected and requeued, then completed {time.monotonic() - killed_at:.1f} s after the kill")
+
+
+def test_which_failures_requeue_and_which_host_is_left_out():
+    """The rule both the task guard and a surviving rank apply (a pure function)."""
+    from rdhpc.launch.guard import rank_failure
+    from rdhpc.launch.job import decide_failure_requeue
+    from rdhpc.train.heartbeat import STALL_EXIT_STATUS
+
+    dead = [{"rank": 3, "host": "n2", "text": "rank 3 (host n2, pid 7, step 12, forward/backward): its process is gone"}]
+    healed = decide_failure_requeue(dead, [], 0, 3, 1, 32, my_host="n1")
+    assert healed.requeue and healed.exclude == "n2" and "failure requeue 1 of 3, n2 excluded" in healed.reason
+    # a rank that failed on its own error (config, shard, NaN stop, bug): another segment fails alike
+    own = [{"rank": 1, "host": "n1", "text": "rank 1 (host n1, pid 9, step 0, failed: ShardError: ...)"}]
+    assert not decide_failure_requeue(dead, own, 0, 3, 1, 32).requeue
+    assert "failed on its own" in decide_failure_requeue([], own, 0, 3, 1, 32).reason
+    assert not decide_failure_requeue(dead, [], 3, 3, 4, 32).requeue  # slurm.max_failure_requeues reached
+    assert not decide_failure_requeue(dead, [], 0, 3, 32, 32).requeue  # slurm.max_segments reached
+    assert not decide_failure_requeue(dead, [], 0, 0, 1, 32).requeue  # 0: never
+    # silent ranks on two hosts: no single host to blame, requeue without excluding
+    two = dead + [{"rank": 5, "host": "n3", "text": "rank 5 (host n3 ...): silent for 40 s"}]
+    assert decide_failure_requeue(two, [], 0, 3, 1, 32).exclude is None
+    assert decide_failure_requeue(dead, [], 0, 3, 1, 32, my_host="n2").exclude is None  # never itself
+    # the guard: killed by a signal or by its own watchdog is the machines'; statuses 1 and 2 are the rank's
+    assert rank_failure(-9) == "was killed by SIGKILL" and "watchdog" in rank_failure(STALL_EXIT_STATUS)
+    assert rank_failure(0) is None and rank_failure(1) is None and rank_failure(2) is None

@@ -38,7 +38,7 @@ TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))  # slurm_netns, its sibling
 SACCT_DIR = TOOLS / "slurm-bin"
 DAEMONS = ("munged", "slurmctld", "slurmd")
-APT_PACKAGES = ["slurm-wlm", "munge"]
+APT_PACKAGES = ["slurm-wlm", "munge", "iproute2", "util-linux"]  # ip, nsenter, unshare: the multi-node cluster
 
 
 class SlurmSetupError(RuntimeError):
@@ -53,7 +53,7 @@ def _free_port() -> int:
 
 def install() -> None:
     """Install the Debian packages when a daemon is missing (CI on a fresh machine)."""
-    if all(shutil.which(d) or Path("/usr/sbin", d).exists() for d in DAEMONS):
+    if all(shutil.which(d) or Path("/usr/sbin", d).exists() for d in (*DAEMONS, "ip", "nsenter", "unshare")):
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)

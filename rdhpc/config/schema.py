@@ -339,6 +339,10 @@ class SlurmConfig:
     job_name: str = "rdhpc"
     max_segments: int = 32
     """Run at most this many segments (the first plus requeues; the paper's run took 21 of up to 12 h)."""
+    max_failure_requeues: int = 3
+    """Requeue the job itself at most this many times after a failure that is not the run's own
+    (a rank killed, frozen or on a dead node; a broken collective), excluding the host at fault; a
+    config error, a bad shard, a NaN stop or a rank's own exception is never requeued. 0: never."""
     stop_margin_s: int | None = None
     """Checkpoint and stop this many seconds before the time limit (None: the preset's; the paper: 300)."""
     env: list[str] = field(default_factory=list)
@@ -353,7 +357,7 @@ class SlurmConfig:
     def problems(self, prefix="slurm"):
         import re
 
-        out = check_bounds(self, prefix, positive=("nodes", "max_segments"))
+        out = check_bounds(self, prefix, positive=("nodes", "max_segments"), non_negative=("max_failure_requeues",))
         for name in ("tasks_per_node", "cpus_per_task", "stop_margin_s"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -15,6 +15,13 @@ decision is taken from how the segment ended, by rank 0 only, as submitit's job 
 - stopped by SIGTERM (scancel, the hard limit, a preemption with a grace time): Slurm is ending the
   job and requeues it by its own rules; a requeue from here would fight a scancel;
 - stopped before its first step: not requeued (it would loop until max_segments): an error.
+
+A segment can also fail (decide_failure_requeue): when a collective broke because a peer died,
+froze or its node vanished, and the heartbeats show no rank that failed on its own error, the
+first surviving rank to claim it requeues the job, excluding the host at fault when the silent
+ranks were all on one, at most slurm.max_failure_requeues times per job, and records why in
+RUN_DIR/failure_requeues.jsonl. A config error, a bad shard, a NaN stop or a rank's own exception
+ends the job as before: another segment would fail the same way.
 """
 
 from __future__ import annotations
@@ -84,6 +91,78 @@ def decide_requeue(end: SegmentEnd, segment: int, max_segments: int) -> RequeueD
     return RequeueDecision(REQUEUE, f"stopped at step {end.step} ({end.reason or 'stop requested'})")
 
 
+@dataclass(frozen=True)
+class FailureDecision:
+    requeue: bool
+    reason: str
+    exclude: str | None = None  # the host to leave out of the next segment
+
+
+def decide_failure_requeue(silent: list[dict], failed: list[dict], failures_so_far: int, max_failures: int,
+                           segment: int, max_segments: int, my_host: str | None = None) -> FailureDecision:
+    """After a broken collective: requeue (and exclude which host), or let the job fail. `silent`
+    and `failed`: the heartbeats' suspects ({rank, host, text} each), as rdhpc.train.heartbeat
+    finds them; a pure function of them and the limits."""
+    if failed:
+        return FailureDecision(False, f"{failed[0]['text']} failed on its own: not requeued (another segment "
+                                      f"would fail the same way)")
+    if not silent:
+        return FailureDecision(False, "a collective failed but every peer's heartbeat is alive: not requeued")
+    if failures_so_far >= max_failures:
+        return FailureDecision(False, f"slurm.max_failure_requeues = {max_failures} reached ({failures_so_far} "
+                                      f"failure requeue(s) of this job): not requeued")
+    if segment >= max_segments:
+        return FailureDecision(False, f"slurm.max_segments = {max_segments} reached: not requeued")
+    hosts = sorted({s["host"] for s in silent if s.get("host")})
+    exclude = hosts[0] if len(hosts) == 1 and hosts[0] != my_host and all(s.get("host") for s in silent) else None
+    who = "; ".join(s["text"] for s in silent[:4])
+    return FailureDecision(True, f"{who} (failure requeue {failures_so_far + 1} of {max_failures}"
+                                 + (f", {exclude} excluded" if exclude else "") + ")", exclude)
+
+
+def requeue_after_failure(exc, run, ranks, segment: int, max_segments: int) -> bool:
+    """The failure path of a training segment whose collective broke under it (PeerFailure):
+    decide from the heartbeats' suspects, and let one surviving rank requeue. True if requeued."""
+    from rdhpc.run_folder import RunFolder
+
+    job_id = os.environ.get("SLURM_JOB_ID")
+    folder = RunFolder(run.logging.run_dir)
+    suspects = exc.suspects
+    decision = decide_failure_requeue(suspects.silent, suspects.failed, len(folder.failure_records(job_id)),
+                                      run.slurm.max_failure_requeues, segment, max_segments, socket.gethostname())
+    if not decision.requeue:
+        _job_log(f"[slurm] rank {ranks.rank}: {decision.reason}", file=sys.stderr)
+        return False
+    claim_and_requeue(folder, job_id, segment, ranks.rank, decision)
+    return True
+
+
+def claim_and_requeue(folder, job_id: str, segment: int, rank, decision: FailureDecision) -> None:
+    """The first rank (or task guard) to create the segment's claim file (O_EXCL) requeues the job,
+    excludes the host at fault and records why; any other only says so."""
+    import json
+    import time
+
+    try:
+        os.close(os.open(folder.failure_claim(job_id, segment), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        _job_log(f"[slurm] rank {rank}: job {job_id} is requeued by another rank after the failure")
+        return
+    _job_log(f"[slurm] rank {rank} on {socket.gethostname()}: segment {segment} failed: {decision.reason}: "
+             f"requeueing job {job_id}", file=sys.stderr)
+    record = {"job_id": job_id, "segment": segment, "rank": rank, "host": socket.gethostname(),
+              "reason": decision.reason, "exclude": decision.exclude, "time": time.time()}
+    with open(folder.failure_requeues, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    requeue_job(job_id)
+    if decision.exclude:
+        done = subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={decision.exclude}"],
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            _job_log(f"[slurm] could not exclude {decision.exclude} from job {job_id}: "
+                     f"{done.stderr.strip() or done.stdout.strip()}", file=sys.stderr)
+
+
 def requeue_job(job_id: str) -> None:
     """`scontrol requeue`: returns once slurmctld has taken the job back, so the job cannot end as
     COMPLETED meanwhile. A refused requeue is an error (the job ends FAILED with the reason)."""
@@ -144,9 +223,18 @@ class TrainTask:
         from rdhpc.config import load_config
         from rdhpc.train.trainer import train
 
+        from rdhpc.train.trainer import PeerFailure
+
         ranks, segment = prepare_rank(self.max_segments)
         run = load_config(self.config_path)
-        result = train(run, ranks, log=_job_log)
+        try:
+            result = train(run, ranks, log=_job_log)
+        except PeerFailure as exc:
+            if requeue_after_failure(exc, run, ranks, segment, self.max_segments):
+                sys.stdout.flush()
+                sys.stderr.flush()
+                raise SystemExit(0) from None  # Slurm ends this segment; the next one resumes
+            raise
         summary = {"rank": ranks.rank, "segment": segment, "step": result.step, "completed": result.completed,
                    "stop_reason": result.stop_reason, "last_loss": result.losses[-1] if result.losses else None}
         end = SegmentEnd("completed" if result.completed else "stopped", result.step,

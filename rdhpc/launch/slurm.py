@@ -27,7 +27,10 @@ Segments, preemption and time limits (the paper ran 21 segments of up to 12 h):
   immediate requeue loses nothing. A preemption that kills without warning, or `scontrol requeue`
   from outside, loses only the steps after the last periodic checkpoint.
 - srun runs with --kill-on-bad-exit: one failing rank ends the job (FAILED, its error in its
-  result and log) instead of leaving its peers waiting in a collective.
+  result and log) instead of leaving its peers waiting in a collective; unless the failure was
+  the machines' (a rank killed by a signal, hung, on a dead node, a broken collective): then the
+  task guard (rdhpc.launch.guard) or a surviving rank requeues the job first, excluding the host at
+  fault, at most slurm.max_failure_requeues times (rdhpc.launch.job.decide_failure_requeue).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class JobPlan:
     max_segments: int
     folder: Path
     python: str  # a shell word (quoted already)
+    max_failure_requeues: int = 0
     account: str | None = None
     partition: str | None = None
     qos: str | None = None
@@ -148,7 +152,7 @@ def plan_job(preset_name: str, slurm, kind: str, run_dir: Path | None, folder: P
     return JobPlan(kind=kind, preset=preset, job_name=slurm.job_name, nodes=slurm.nodes,
                    tasks_per_node=slurm.tasks_per_node or preset.tasks_per_node, gpus_per_node=gpus,
                    cpus_per_task=cpus, time_s=time_s, stop_margin_s=margin, max_segments=slurm.max_segments,
-                   folder=folder, python=python, account=account, partition=slurm.partition or preset.partition,
+                   max_failure_requeues=slurm.max_failure_requeues, folder=folder, python=python, account=account, partition=slurm.partition or preset.partition,
                    qos=slurm.qos or preset.qos, exclude=slurm.exclude, env=env, staging=staging,
                    run_dir=Path(run_dir).absolute() if run_dir else None,
                    config_overrides=preset.config_overrides() if kind == "train" else [],
@@ -208,9 +212,18 @@ def submitit_parameters(plan: JobPlan) -> dict:
     return params
 
 
+def task_python(plan: JobPlan) -> str:
+    """What srun starts in each task in place of submitit's `python`: for training, the task guard
+    (rdhpc.launch.guard: it requeues the job when the rank is killed) in front of the same python."""
+    if plan.kind != "train" or plan.run_dir is None:
+        return plan.python
+    return (f"{plan.python} -m rdhpc.launch.guard --run-dir {shlex.quote(str(plan.run_dir))} "
+            f"--max-failure-requeues {plan.max_failure_requeues} --max-segments {plan.max_segments} -- {plan.python}")
+
+
 def submitit_command(plan: JobPlan) -> str:
     # exactly what submitit.SlurmExecutor._submitit_command_str writes
-    return " ".join([plan.python, "-u -m submitit.core._submit", shlex.quote(str(plan.folder))])
+    return " ".join([task_python(plan), "-u -m submitit.core._submit", shlex.quote(str(plan.folder))])
 
 
 def render_script(plan: JobPlan) -> str:
@@ -254,7 +267,8 @@ def submit(plan: JobPlan) -> dict:
 
     plan.folder.mkdir(parents=True, exist_ok=True)
     try:
-        executor = submitit.SlurmExecutor(folder=plan.folder, max_num_timeout=plan.max_segments, python=plan.python)
+        executor = submitit.SlurmExecutor(folder=plan.folder, max_num_timeout=plan.max_segments,
+                                          python=task_python(plan))
     except RuntimeError as exc:  # no srun on PATH
         raise SubmitError(f"no Slurm here ({exc}); `--dry-run` prints the script without submitting") from None
     executor.update_parameters(**submitit_parameters(plan))

@@ -177,6 +177,7 @@ def run_folder_status(root: str | Path) -> dict:
             lock = {}
     beats = list(run.heartbeats.glob("rank*.json")) if run.heartbeats.is_dir() else []
     heartbeat_age = time.time() - max(p.stat().st_mtime for p in beats) if beats else None
+    status["failure_requeues"] = run.failure_records()
     status["lock"], status["heartbeat_age_s"] = lock, heartbeat_age
     status["state"] = _local_state(status["run_state"], lock, heartbeat_age)
     status["files"] = {name: str(path) for name, path in (
@@ -226,6 +227,9 @@ def _format_run(status: dict, lines: list[str]) -> None:
         lines.append(f"  checkpoints: {shown}; latest {ckpt['latest']} in {ckpt['folder']}")
     else:
         lines.append(f"  checkpoints: none in {ckpt['folder']}")
+    for record in run.get("failure_requeues", []):
+        lines.append(f"  requeued itself after segment {record['segment']} of job {record['job_id']} failed: "
+                     f"{record['reason']}")
     if run["heartbeat_age_s"] is not None and status["state"] in LIVE_STATES + ("running",):
         lines.append(f"  last heartbeat {run['heartbeat_age_s']:.0f} s ago")
     named_by_job = {"tensorboard"} if status.get("record", {}).get("tensorboard") else set()

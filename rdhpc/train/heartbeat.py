@@ -23,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Exit status of a rank ended by its watchdog (distinct from Python's 1 and the CLI's 2).
@@ -118,35 +119,58 @@ def _process_gone(beat: dict) -> bool:
     return False
 
 
+@dataclass
+class Suspects:
+    """What the heartbeats say of the other ranks after a failure: `silent` ranks (no file, a
+    stale beat, a vanished process: killed, frozen or on a dead node) and ranks that `failed` on
+    their own (they recorded their error), each as {rank, host, text}."""
+
+    silent: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+
+    @property
+    def silent_hosts(self) -> list[str]:
+        return sorted({s["host"] for s in self.silent if s.get("host")})
+
+
+def find_suspects(folder: str | Path, world_size: int, interval_s: float, self_rank: int | None = None,
+                  now: float | None = None) -> Suspects:
+    now = time.time() if now is None else now
+    beats = read_beats(folder, world_size)
+    stale_after = 2.5 * interval_s
+    found = Suspects()
+    for rank, beat in beats.items():
+        if rank == self_rank:
+            continue
+        if beat is None:
+            found.silent.append({"rank": rank, "host": None,
+                                 "text": f"rank {rank} (never wrote {Path(folder) / f'rank{rank}.json'})"})
+            continue
+        where = f"rank {rank} (host {beat.get('host')}, pid {beat.get('pid')}, step {beat.get('step')}, {beat.get('phase')})"
+        entry = {"rank": rank, "host": beat.get("host")}
+        if beat.get("phase", "").startswith("failed"):
+            found.failed.append({**entry, "text": where})
+        elif beat.get("phase") == "done":
+            continue
+        elif _process_gone(beat):
+            found.silent.append({**entry, "text": f"{where}: its process is gone"})
+        elif now - beat.get("beat_time", 0) > stale_after:
+            found.silent.append({**entry, "text": f"{where}: silent for {now - beat['beat_time']:.0f} s"})
+    return found
+
+
 def diagnose(folder: str | Path, world_size: int, interval_s: float, self_rank: int | None = None,
              now: float | None = None) -> str:
     """One sentence naming the ranks that look at fault, from every rank's heartbeat file.
 
     Silent ranks (no file, a stale beat, a vanished process) are named first; then ranks that
     failed on their own; then, if every rank is alive, the ranks furthest behind in steps."""
-    now = time.time() if now is None else now
+    found = find_suspects(folder, world_size, interval_s, self_rank, now)
+    if found.silent:
+        return "Suspect " + "; ".join(s["text"] for s in found.silent) + "."
+    if found.failed:
+        return "Failed: " + "; ".join(s["text"] for s in found.failed) + "."
     beats = read_beats(folder, world_size)
-    stale_after = 2.5 * interval_s
-    silent, failed = [], []
-    for rank, beat in beats.items():
-        if rank == self_rank:
-            continue
-        if beat is None:
-            silent.append(f"rank {rank} (never wrote {Path(folder) / f'rank{rank}.json'})")
-            continue
-        where = f"rank {rank} (host {beat.get('host')}, pid {beat.get('pid')}, step {beat.get('step')}, {beat.get('phase')})"
-        if beat.get("phase", "").startswith("failed"):
-            failed.append(where)
-        elif beat.get("phase") == "done":
-            continue
-        elif _process_gone(beat):
-            silent.append(f"{where}: its process is gone")
-        elif now - beat.get("beat_time", 0) > stale_after:
-            silent.append(f"{where}: silent for {now - beat['beat_time']:.0f} s")
-    if silent:
-        return "Suspect " + "; ".join(silent) + "."
-    if failed:
-        return "Failed: " + "; ".join(failed) + "."
     live = {r: b for r, b in beats.items() if b is not None}
     if live:
         lowest = min(b.get("step", 0) for b in live.values())

@@ -39,7 +39,7 @@ from rdhpc.model.sampling import row_noise_seeds
 from rdhpc.run_folder import STOP_AT_VARIABLE, RunFolder, RunLock, RunLockError
 from rdhpc.train.checkpoint import DEEPSPEED_CONFIG, RUN_CONFIG, Checkpointer
 from rdhpc.train.engine import attention_kernels, build_engine, quiet_deepspeed_deprecations, skip_deepspeed_shm_op
-from rdhpc.train.heartbeat import Heartbeat, diagnose
+from rdhpc.train.heartbeat import Heartbeat, diagnose, find_suspects
 from rdhpc.train.metrics import MetricsSink, RunLog, flops_per_token, peak_tflops
 from rdhpc.train.optim import LRSchedule
 
@@ -55,6 +55,16 @@ TERMINATED = "signal SIGTERM"
 
 class TrainingError(UserError, RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); every rank raises it."""
+
+
+class PeerFailure(TrainingError):
+    """A collective broke under this rank: a peer died, froze or timed out. `suspects` is what the
+    heartbeats say (rdhpc.train.heartbeat.Suspects): the job decides from it whether the failure
+    was the machines' (requeue) or a rank's own error (no requeue)."""
+
+    def __init__(self, message: str, suspects):
+        super().__init__(message)
+        self.suspects = suspects
 
 
 @dataclass
@@ -467,12 +477,14 @@ def train(run: RunConfig, ranks: RankInfo, log=print) -> TrainResult:
         time.sleep(1.5 * run.train.heartbeat_interval_s)
         report = diagnose(trainer.heartbeat.folder, ranks.world_size, run.train.heartbeat_interval_s,
                           self_rank=ranks.rank)
+        suspects = find_suspects(trainer.heartbeat.folder, ranks.world_size, run.train.heartbeat_interval_s,
+                                 self_rank=ranks.rank)
         message = (f"rank {ranks.rank} failed at step {trainer.step}: {type(exc).__name__}: "
                    f"{str(exc).splitlines()[0] if str(exc) else ''}. {report}")
         trainer.write_run_state("failed", error=message)
         trainer.log.to_file(f"[train] failed: {message}")
         if is_collective_failure(exc):
-            raise TrainingError(message) from exc
+            raise PeerFailure(message, suspects) from exc
         if hasattr(exc, "add_note"):  # the traceback of a bug, with what the heartbeats say
             exc.add_note(message)
         raise
