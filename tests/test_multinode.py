@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -169,3 +170,52 @@ def test_which_failures_requeue_and_which_host_is_left_out():
     # the guard: killed by a signal or by its own watchdog is the machines'; statuses 1 and 2 are the rank's
     assert rank_failure(-9) == "was killed by SIGKILL" and "watchdog" in rank_failure(STALL_EXIT_STATUS)
     assert rank_failure(0) is None and rank_failure(1) is None and rank_failure(2) is None
+
+
+def test_a_node_dies_and_the_job_resumes_on_the_others(tmp_path, shards, multi_node_cluster):
+    """Every process of n2 (its slurmd, the job's step, the rank) is killed: the machine vanishes.
+    The surviving rank fails within a bounded time naming the lost host; the job is requeued (by
+    the surviving rank, or by Slurm for the failed node), resumes from the last complete checkpoint
+    on the remaining nodes and completes with the losses of an uninterrupted run."""
+    import slurm_netns
+
+    steps = 30
+    overrides = [f"train.max_steps={steps}", "checkpoint.interval=4", "train.heartbeat_interval_s=1",
+                 "train.collective_timeout_s=20"]
+    run_dir = tmp_path / "node-lost"
+    env = job_env(tmp_path)
+    job = job_id_of(rdhpc("submit", *train_args(shards, run_dir, *overrides), "--nodes", 2, "--tasks-per-node", 1,
+                          "--time", "10", env=env).stdout)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    beat = run_dir / "heartbeat" / "rank1.json"
+    while time.monotonic() < deadline:  # after a checkpoint, and once rank 1's heartbeat shows a step
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 6 \
+                and json.loads(beat.read_text()).get("step", 0) >= 6:
+            break
+        time.sleep(0.05)
+    assert json.loads(beat.read_text())["host"] == "n2"
+    killed = time.monotonic()
+    assert slurm_netns.kill_node(multi_node_cluster["state"], "n2")
+    try:
+        from rdhpc.launch.status import wait_for_job
+
+        state = wait_for_job(job, timeout=JOB_TIMEOUT)
+        healed = time.monotonic() - killed
+        status = rdhpc("status", job, env=env).stdout
+        assert state == "COMPLETED", status
+        info = json.loads(rdhpc("status", job, "--json", env=env).stdout)
+        assert info["slurm"]["restarts"] >= 1 and info["run_state"]["state"] == "completed", status
+        assert "n2" not in info["slurm"]["nodes"], status
+        log0 = "".join((run_dir / "slurm" / f"{job}_0_log.{kind}").read_text() for kind in ("out", "err"))
+        # the survivor names the lost host and the step it was last seen at
+        named = re.search(r"rank 1 \(host n2, pid \d+, step (\d+), [^)]*\): (silent for \d+ s|its process is gone)", log0)
+        assert named and int(named.group(1)) >= 6, log0[-3000:]
+        records = info["run"]["failure_requeues"]
+        assert [r["exclude"] for r in records] == ["n2"] and "n2 excluded from the next segment" in log0, records
+        reference = tmp_path / "reference"
+        rdhpc("submit", *train_args(shards, reference, *overrides), "--nodes", 1, "--tasks-per-node", 2,
+              "--time", "10", "--wait", "--timeout", JOB_TIMEOUT, env=env)
+        assert losses(run_dir) == losses(reference)
+        print(f"node lost: the job completed {healed:.1f} s after n2 vanished; {status}")
+    finally:
+        slurm_netns.restart_node(multi_node_cluster["state"], "n2")

@@ -250,3 +250,24 @@ def teardown(state: Path, alive, timeout: float = 15) -> None:
     if netns.is_dir() and not any(netns.iterdir()):
         subprocess.run(["umount", str(netns)], capture_output=True)
     info.unlink()
+
+
+def restart_node(state: Path, node: str, timeout: float = 30) -> int:
+    """Bring a node killed by kill_node back: a new slurmd in the same namespaces, resumed in
+    Slurm. Returns its PID."""
+    plan = json.loads((state / "cluster.json").read_text())
+    pid = start_in_namespace(state, plan, node, ["env", f"SLURM_CONF={state / 'slurm.conf'}", "/usr/sbin/slurmd",
+                                                 "-D", "-N", node], state / "log" / f"slurmd.{node}.out")
+    plan["pids"][f"slurmd-{node}"] = pid
+    (state / "cluster.json").write_text(json.dumps(plan))
+    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        subprocess.run([str(state / "bin" / "scontrol"), "update", f"NodeName={node}", "State=RESUME"],
+                       capture_output=True, env=env, timeout=10)
+        out = subprocess.run([str(state / "bin" / "sinfo"), "-h", "-n", node, "-o", "%T"], capture_output=True,
+                             text=True, env=env, timeout=10).stdout.strip()
+        if out.startswith("idle"):
+            return pid
+        time.sleep(0.5)
+    raise NetnsError(f"{node} did not come back idle within {timeout:.0f} s")

@@ -156,11 +156,27 @@ def claim_and_requeue(folder, job_id: str, segment: int, rank, decision: Failure
         f.write(json.dumps(record) + "\n")
     requeue_job(job_id)
     if decision.exclude:
-        done = subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={decision.exclude}"],
+        exclude_node(job_id, decision.exclude)
+
+
+def exclude_node(job_id: str, node: str, timeout: float = 60) -> None:
+    """Leave `node` out of the requeued job's next segment. slurmctld refuses the update while the
+    job is still completing its last segment, so it is retried until the job is pending again."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        done = subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={node}"],
                               capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            _job_log(f"[slurm] could not exclude {decision.exclude} from job {job_id}: "
-                     f"{done.stderr.strip() or done.stdout.strip()}", file=sys.stderr)
+        if done.returncode == 0:
+            _job_log(f"[slurm] job {job_id}: {node} excluded from the next segment")
+            return
+        if time.monotonic() > deadline:
+            _job_log(f"[slurm] could not exclude {node} from job {job_id}: "
+                     f"{done.stderr.strip() or done.stdout.strip() or f'scontrol exited {done.returncode}'}",
+                     file=sys.stderr)
+            return
+        time.sleep(0.5)
 
 
 def requeue_job(job_id: str) -> None:
