@@ -693,12 +693,13 @@ def test_continued_pretraining_from_released_layout_weights(tmp_path, shards, st
 
 @pytest.mark.parametrize("raised, expected", [
     (ZeroDivisionError("a bug"), ZeroDivisionError),  # a bug keeps its type and traceback
-    (RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"), "TrainingError"),
+    (RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"), "PeerFailure"),
     ("user", "ShardError"),  # a user's mistake keeps its one-line message
 ])
 def test_failures_keep_their_class(tmp_path, monkeypatch, raised, expected):
     """How train() ends on each kind of failure: the run state records it every time; only a broken
-    collective becomes a TrainingError naming the ranks; a bug is re-raised as it is."""
+    collective becomes a TrainingError (PeerFailure, with the heartbeats' suspects for the job's
+    requeue decision) naming the ranks; a bug is re-raised as it is."""
     from rdhpc.data.format import ShardError
     from rdhpc.distributed import RankInfo
     from rdhpc.train import trainer as trainer_module
@@ -721,8 +722,9 @@ def test_failures_keep_their_class(tmp_path, monkeypatch, raised, expected):
     assert state["state"] == "failed" and state["step"] == 0 and state["start_step"] == 0
     if expected is ZeroDivisionError:
         assert info.value is raised and "rank 0 failed at step 0: ZeroDivisionError: a bug" in info.value.__notes__[0]
-    if name == "TrainingError":
-        assert info.value.__cause__ is raised and "Connection closed by peer" in str(info.value)
+    if name == "PeerFailure":
+        assert isinstance(info.value, trainer_module.TrainingError) and info.value.__cause__ is raised
+        assert "Connection closed by peer" in str(info.value) and info.value.suspects.failed == []
     if name == "ShardError":
         assert info.value is raised and state["error"] == str(raised)
 

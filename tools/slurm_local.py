@@ -60,6 +60,28 @@ def install() -> None:
     subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES], check=True, env=env)
 
 
+# What every cluster of this module shares: the plugins that work without cgroups here (see the
+# module docstring), no accounting, jobs kept visible for an hour, quick scheduling.
+COMMON_SETTINGS = """SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+MinJobAge=3600
+KillWait=5
+InactiveLimit=0
+SlurmctldTimeout=30
+MailProg=/bin/true
+JobRequeue=1
+SchedulerParameters=sched_interval=2,bf_interval=2
+"""
+
+
 def slurm_conf(state: Path, ctld_port: int, slurmd_port: int, cpus: int, memory_mb: int) -> str:
     munge_socket = state / "munge" / "munge.socket"
     return f"""# written by tools/slurm_local.py: a one-machine Slurm for tests
@@ -78,25 +100,8 @@ SlurmctldPidFile={state}/slurmctld.pid
 SlurmdPidFile={state}/slurmd.pid
 SlurmctldLogFile={state}/log/slurmctld.log
 SlurmdLogFile={state}/log/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-ReturnToService=2
-MinJobAge=3600
-KillWait=5
-InactiveLimit=0
-SlurmctldTimeout=30
 SlurmdTimeout=60
-MailProg=/bin/true
-JobRequeue=1
-SchedulerParameters=sched_interval=2,bf_interval=2
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+{COMMON_SETTINGS}NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 

@@ -142,6 +142,8 @@ exec nsenter --target "$pid" --net --mount --uts -- {real} "$@"
 
 
 def slurm_conf(state: Path, plan: dict, cpus: int, memory_mb: int) -> str:
+    from slurm_local import COMMON_SETTINGS
+
     nodes = "\n".join(f"NodeName=n{i} NodeAddr={node_address(i)} NodeHostname=n{i} CPUs={cpus} "
                       f"RealMemory={memory_mb} State=UNKNOWN" for i in range(1, plan["nodes"] + 1))
     return f"""# written by tools/slurm_netns.py: a {plan['nodes']}-node Slurm in network namespaces
@@ -160,27 +162,11 @@ SlurmctldPidFile={state}/slurmctld.pid
 SlurmdPidFile={state}/slurmd.%n.pid
 SlurmctldLogFile={state}/log/slurmctld.log
 SlurmdLogFile={state}/log/slurmd.%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
 # the nodes declare what a test needs (4 CPUs each), whatever the machine's cores
 SlurmdParameters=config_overrides
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-ReturnToService=2
-MinJobAge=3600
-KillWait=5
-InactiveLimit=0
-SlurmctldTimeout=30
+# a node that vanishes is declared down within 10 s
 SlurmdTimeout=10
-MailProg=/bin/true
-JobRequeue=1
-SchedulerParameters=sched_interval=2,bf_interval=2
-{nodes}
+{COMMON_SETTINGS}{nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
