@@ -512,6 +512,15 @@ def test_rank_discovery_from_each_launcher():
     assert discover_ranks(uneven).local_world_size == 1
 
 
+def test_a_rank_bound_to_its_own_gpu_takes_the_one_it_sees():
+    from rdhpc.distributed.ranks import local_device_index
+
+    assert [local_device_index(r, 8) for r in range(8)] == list(range(8))  # unbound: the node's 8 GPUs
+    assert [local_device_index(r, 1) for r in range(8)] == [0] * 8  # srun --gpu-bind=closest: one each
+    with pytest.raises(RuntimeError, match="no GPU is visible to this rank"):
+        local_device_index(3, 0)
+
+
 def test_inside_a_slurm_step_slurms_ranks_win_over_pmi(monkeypatch):
     """srun --mpi=pmi2 (or pmix) puts PMI_RANK/PMI_SIZE into every task: the same ranks, so Slurm's
     variables are used and mpi4py is not even imported (it may not be installed); an MPI launcher

@@ -219,3 +219,46 @@ def test_a_node_dies_and_the_job_resumes_on_the_others(tmp_path, shards, multi_n
         print(f"node lost: the job completed {healed:.1f} s after n2 vanished; {status}")
     finally:
         slurm_netns.restart_node(multi_node_cluster["state"], "n2")
+
+
+def test_a_segment_chain_across_two_nodes_resumes_with_identical_losses(tmp_path, shards, multi_node_cluster):
+    """Slurm's warning before a time limit (USR2, here sent with scancel) reaches the ranks on both
+    hosts: every rank checkpoints at the next step, rank 0 requeues, the next segment resumes on
+    two nodes; the losses are those of an uninterrupted run."""
+    steps = 40
+    overrides = [f"train.max_steps={steps}", "checkpoint.interval=100"]
+    run_dir = tmp_path / "chain"
+    env = job_env(tmp_path)
+    job = job_id_of(rdhpc("submit", *train_args(shards, run_dir, *overrides), "--nodes", 2, "--tasks-per-node", 1,
+                          "--time", "10", env=env).stdout)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 6):
+        assert time.monotonic() < deadline, "the first segment did not reach step 6"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    from rdhpc.launch.status import wait_for_job
+
+    assert wait_for_job(job, timeout=JOB_TIMEOUT) == "COMPLETED"
+    info = json.loads(rdhpc("status", job, "--json", env=env).stdout)
+    assert info["slurm"]["restarts"] == 1 and info["run_state"]["state"] == "completed", info
+    log0 = (run_dir / "slurm" / f"{job}_0_log.out").read_text()
+    assert "segment 2/" in log0 and "requeueing job" in log0 and "rendezvous n" in log0
+    reference = tmp_path / "reference"
+    rdhpc("submit", *train_args(shards, reference, *overrides), "--nodes", 1, "--tasks-per-node", 2, "--time", "10",
+          "--wait", "--timeout", JOB_TIMEOUT, env=env)
+    assert losses(run_dir) == losses(reference) and sorted(losses(run_dir)) == list(range(1, steps + 1))
+
+
+def test_prep_shards_as_a_two_node_job_matches_a_local_run(tmp_path, shards, multi_node_cluster):
+    out = tmp_path / "two_node_shards"
+    done = rdhpc("submit", "--cluster", "local", "--nodes", "2", "--tasks-per-node", "1", "--time", "10",
+                 "--log-dir", tmp_path / "prep_logs", "--wait", "--timeout", JOB_TIMEOUT, "--prep", "shards",
+                 "--input", shards / "docs.jsonl", "--tokenizer", shards / "tok.json", "--seq-len", "64", "--out", out,
+                 "--pack", "carry", "--rows-per-shard", "512", "--val-fraction", "0.2", env=job_env(tmp_path))
+    job = job_id_of(done.stdout)
+    assert "COMPLETED" in done.stdout, done.stdout
+    assert "this rank on n1" in (tmp_path / "prep_logs" / f"{job}_0_log.out").read_text()
+    local = sorted(p.name for p in (shards / "shards").glob("*.arrow"))
+    assert local and sorted(p.name for p in out.glob("*.arrow")) == local
+    for name in local:
+        assert (out / name).read_bytes() == (shards / "shards" / name).read_bytes(), name

@@ -371,9 +371,18 @@ def test_dry_run_frontier_has_what_frontier_needs(tmp_path):
     assert env["LD_LIBRARY_PATH"] == "/opt/aws-ofi-rccl/lib:/usr/lib"  # ${NAME} expands
     assert env["WEIRD"] == weird and not Path("/tmp/pwned").exists()  # everything else is literal
     assert "unset RANK LOCAL_RANK WORLD_SIZE" in script and "MASTER_ADDR" in script.split("unset ")[1]
-    assert "RDHPC_STOP_AT=$(( $(date +%s) + 43200 - 300 ))" in script
+    # the time budget from the end Slurm gives the job (a clock read after module loads runs late)
+    assert "RDHPC_STOP_AT=$(( ${SLURM_JOB_END_TIME:-$(( $(date +%s) + 43200 ))} - 300 ))" in script
+    stop_at = subprocess.run(["bash", "-c", script[script.index("export RDHPC_STOP_AT"):].split("\n")[0]
+                              + "; echo $RDHPC_STOP_AT"], env={"SLURM_JOB_END_TIME": "1000000", "PATH": "/usr/bin:/bin"},
+                             capture_output=True, text=True, timeout=30).stdout
+    assert stop_at.strip() == str(1000000 - 300)
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun and "submitit.core._submit" in srun
+    # srun does not inherit -c on Slurm 22.05-23.02; each task on the GCD closest to its cores
+    assert "--cpus-per-task=7" in srun and "--gpus-per-task=1 --gpu-bind=closest" in srun
+    assert "rdhpc.launch.guard" in srun  # the task guard that requeues a job whose rank was killed
+    assert "--wckey" not in script  # sites that enforce wckeys refuse submitit's default
     # the paper's fixed 64 MB reduction chunks, as DeepSpeed bucket sizes
     assert "zero.reduce_bucket_size=16777216 zero.allgather_bucket_size=16777216 zero.overlap_comm=false" in text
     assert subprocess.run(["bash", "-n"], input=script, text=True, timeout=30).returncode == 0

@@ -98,6 +98,15 @@ def _mpi_agrees_with(step: RankInfo, env) -> bool:
     return True
 
 
+def local_device_index(local_rank: int, visible_devices: int) -> int:
+    """The GPU a rank takes: LOCAL_RANK among the devices it sees. A task bound to its own GPU
+    (srun --gpus-per-task=1 --gpu-bind=closest) sees one, device 0; an unbound one sees the node's."""
+    if visible_devices < 1:
+        raise RuntimeError(f"local rank {local_rank}: no GPU is visible to this rank (CUDA_VISIBLE_DEVICES / "
+                           f"ROCR_VISIBLE_DEVICES, or the job's --gpus-per-node / --gpu-bind)")
+    return local_rank % visible_devices
+
+
 # ---- the rendezvous: master address and port --------------------------------------------------
 # Variables a launcher or an earlier process may leave behind. A batch job inherits the submitter's
 # environment (sbatch exports it), so a RANK or MASTER_ADDR left by a test or a torchrun shell

@@ -72,6 +72,13 @@ class ClusterPreset:
     sbatch: dict[str, bool | int | str] = field(default_factory=dict)
     """Extra sbatch options, e.g. {constraint: nvme, exclusive: true}."""
     srun_args: list[str] = field(default_factory=list)
+    gpu_bind: str | None = None
+    """Bind each task to GPUs: 'closest' (OLCF's advice on Frontier: `--gpus-per-task=1
+    --gpu-bind=closest`, so each rank drives the die of its own NUMA domain and sees one device),
+    or None (every rank sees the node's GPUs and takes the LOCAL_RANK-th)."""
+    wckey: str | None = None
+    """sbatch --wckey; None writes none (submitit's default `--wckey=submitit` is refused by sites
+    that enforce wckeys)."""
     reduce_bucket_mb: int | None = None
     """Fixed-size gradient reduction (the paper's RCCL workaround): DeepSpeed's reduce and
     allgather bucket sizes in MB of float32; None leaves the run config's."""
@@ -172,7 +179,11 @@ def _problems(p: ClusterPreset) -> list[str]:
         out.append("gpus_per_node: a preset with gpu_vendor none cannot ask for GPUs")
     if p.reduce_bucket_mb is not None and p.reduce_bucket_mb < 1:
         out.append(f"reduce_bucket_mb: must be >= 1, got {p.reduce_bucket_mb}")
-    for name in ("account", "partition", "qos"):
+    if p.gpu_bind not in (None, "closest"):
+        out.append(f"gpu_bind: unknown value {p.gpu_bind!r}; choose 'closest' or null")
+    if p.gpu_bind and p.gpu_vendor == "none":
+        out.append("gpu_bind: a preset with gpu_vendor none has no GPUs to bind")
+    for name in ("account", "partition", "qos", "wckey"):
         value = getattr(p, name)
         if value is not None:
             out += [f"{name}: {m}" for m in check_sbatch_value(value)]

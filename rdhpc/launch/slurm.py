@@ -171,9 +171,10 @@ def setup_lines(plan: JobPlan) -> list[str]:
     lines.append("# sbatch exports the submitter's environment: drop what a launcher there left behind")
     lines.append("unset " + " ".join(STALE_RANK_VARIABLES))
     lines += [export_line(name, value) for name, value in plan.env.items()]
-    lines.append("# checkpoint and stop before the time limit (the same margin as Slurm's USR2 warning)")
-    # Slurm keeps time limits in whole minutes: the limit the job really has
-    lines.append(f"export {STOP_AT_VARIABLE}=$(( $(date +%s) + {plan.time_minutes * 60} - {plan.stop_margin_s} ))")
+    lines.append("# checkpoint and stop before the time limit (the same margin as Slurm's USR2 warning): the")
+    lines.append("# end Slurm gives the job, not a clock read once the set-up has run (else: now + the limit)")
+    lines.append(f"export {STOP_AT_VARIABLE}=$(( ${{SLURM_JOB_END_TIME:-$(( $(date +%s) + {plan.time_minutes * 60} ))}}"
+                 f" - {plan.stop_margin_s} ))")
     if plan.staging:
         s = p.staging
         dest = quote_env_value(s.dest)
@@ -184,6 +185,13 @@ def setup_lines(plan: JobPlan) -> list[str]:
                   f"sbcast --force --preserve {archive} {local}",
                   f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 tar -xf {local} -C {dest}']
     return lines
+
+
+def gpu_bind_args(plan: JobPlan) -> list[str]:
+    """srun's GPU binding of the preset: each task its closest GPU, one device visible per rank."""
+    if plan.preset.gpu_bind == "closest" and plan.gpus_per_node:
+        return ["--gpus-per-task=1", "--gpu-bind=closest"]
+    return []
 
 
 def submitit_parameters(plan: JobPlan) -> dict:
@@ -200,9 +208,12 @@ def submitit_parameters(plan: JobPlan) -> dict:
         "time": plan.time_minutes,
         "signal_delay_s": min(plan.preset.signal_margin_s or plan.stop_margin_s, plan.stop_margin_s),
         "setup": setup_lines(plan),
-        # one failing rank ends the step instead of leaving the others in a collective
-        "srun_args": ["--kill-on-bad-exit=1", *plan.preset.srun_args],
+        # one failing rank ends the step instead of leaving the others in a collective; srun does
+        # not inherit --cpus-per-task on Slurm 22.05-23.02, so it is passed again (the paper: -c7)
+        "srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={plan.cpus_per_task}", *gpu_bind_args(plan),
+                      *plan.preset.srun_args],
         "additional_parameters": extra,
+        "wckey": plan.preset.wckey,  # None: no --wckey line (submitit's default would be "submitit")
     }
     if plan.gpus_per_node:
         params["gpus_per_node"] = plan.gpus_per_node

@@ -31,6 +31,7 @@ import torch
 from rdhpc.config import RunConfig, config_to_yaml, save_config
 from rdhpc.data.loader import BatchLoader, ShardDataset, verify_shards
 from rdhpc.distributed import RankInfo
+from rdhpc.distributed.ranks import local_device_index
 from rdhpc.distributed.collectives import any_rank, gather_lists, is_collective_failure, mean_over_ranks, sum_over_ranks
 from rdhpc.errors import ConfigError, UserError
 from rdhpc.eval.in_loop import DepthLossEvaluator
@@ -110,7 +111,8 @@ class Trainer:
     def setup(self):
         run = self.run
         use_cuda = run.train.device == "cuda" or (run.train.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda", self.ranks.local_rank) if use_cuda else torch.device("cpu")
+        self.device = torch.device("cuda", local_device_index(self.ranks.local_rank, torch.cuda.device_count())) \
+            if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
         else:
