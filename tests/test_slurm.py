@@ -388,6 +388,23 @@ def test_dry_run_frontier_has_what_frontier_needs(tmp_path):
     assert subprocess.run(["bash", "-n"], input=script, text=True, timeout=30).returncode == 0
 
 
+def test_frontier_time_limits_by_node_count(tmp_path):
+    """Frontier's batch partition allows 2 h up to 91 nodes, 6 h up to 183, 12 h beyond: a scaled-down
+    trial asking for 12 h would wait in the queue forever, so it is refused, naming the limit."""
+    def dry(nodes, time_limit):
+        return rdhpc("submit", "configs/huginn-3.5b-frontier.yaml", "--cluster", "frontier", "--nodes", nodes,
+                     "--account", "ABC123", "--time", time_limit, "--set", "data.train_dir=/lustre/orion/shards",
+                     "--set", f"logging.run_dir={tmp_path / 'run'}", "--set", "train.global_batch_size=4096",
+                     "--dry-run", check=False)
+
+    refused = dry(8, "12:00:00")
+    assert refused.returncode == 2 and "slurm.time: 12:00:00 is above the frontier limit of 02:00:00 for 8 node(s)" \
+        in refused.stderr, refused.stderr
+    assert dry(8, "02:00:00").returncode == 0 and dry(128, "06:00:00").returncode == 0
+    assert dry(128, "6:01:00").returncode == 2 and dry(512, "12:00:00").returncode == 0
+    assert "more than the frontier preset allows" in dry(9409, "1:00:00").stderr
+
+
 def test_dry_run_nvidia_and_staging(tmp_path):
     done = rdhpc("submit", "configs/debug.yaml", "--cluster", "nvidia", "--nodes", "4", "--partition", "gpu",
                  "--time", "1-00:00:00", "--set", "data.train_dir=/data/shards", "--set",
@@ -408,8 +425,8 @@ def test_dry_run_nvidia_and_staging(tmp_path):
     preset["staging"].update(enabled=True, archive="/lustre/orion/me/rdhpc-env.tar")
     (tmp_path / "clusters").mkdir()
     (tmp_path / "clusters" / "myfrontier.yaml").write_text(yaml.safe_dump(preset))
-    done = rdhpc("submit", "configs/debug.yaml", "--cluster", "myfrontier", "--account", "ABC123", "--set",
-                 "data.train_dir=/data/shards", "--set", f"logging.run_dir={tmp_path / 'run'}", "--dry-run",
+    done = rdhpc("submit", "configs/debug.yaml", "--cluster", "myfrontier", "--account", "ABC123", "--time", "2:00:00",
+                 "--set", "data.train_dir=/data/shards", "--set", f"logging.run_dir={tmp_path / 'run'}", "--dry-run",
                  env=dict(os.environ, RDHPC_CLUSTERS_DIR=str(tmp_path / "clusters")))
     script = done.stdout[done.stdout.index("#!/bin/bash"):done.stdout.index("# environment of every rank")]
     assert sbatch_options(script)["constraint"] == "nvme"

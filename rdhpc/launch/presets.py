@@ -76,6 +76,9 @@ class ClusterPreset:
     """Bind each task to GPUs: 'closest' (OLCF's advice on Frontier: `--gpus-per-task=1
     --gpu-bind=closest`, so each rank drives the die of its own NUMA domain and sees one device),
     or None (every rank sees the node's GPUs and takes the LOCAL_RANK-th)."""
+    max_time_by_nodes: dict[int, str] = field(default_factory=dict)
+    """The site's time limit by job size, {up to N nodes: limit} (Frontier: 2 h up to 91 nodes,
+    6 h up to 183, 12 h beyond): `rdhpc submit` refuses a longer --time, naming the limit."""
     wckey: str | None = None
     """sbatch --wckey; None writes none (submitit's default `--wckey=submitit` is refused by sites
     that enforce wckeys)."""
@@ -179,6 +182,14 @@ def _problems(p: ClusterPreset) -> list[str]:
         out.append("gpus_per_node: a preset with gpu_vendor none cannot ask for GPUs")
     if p.reduce_bucket_mb is not None and p.reduce_bucket_mb < 1:
         out.append(f"reduce_bucket_mb: must be >= 1, got {p.reduce_bucket_mb}")
+    from rdhpc.config.schema import slurm_time_seconds
+
+    for nodes, limit in p.max_time_by_nodes.items():
+        try:
+            if nodes < 1 or slurm_time_seconds(limit) <= 0:
+                raise ValueError
+        except ValueError:
+            out.append(f"max_time_by_nodes.{nodes}: expected nodes >= 1 and a Slurm time, got {limit!r}")
     if p.gpu_bind not in (None, "closest"):
         out.append(f"gpu_bind: unknown value {p.gpu_bind!r}; choose 'closest' or null")
     if p.gpu_bind and p.gpu_vendor == "none":

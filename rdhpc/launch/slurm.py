@@ -102,6 +102,24 @@ class JobPlan:
         return RunFolder(self.run_dir).tensorboard if self.run_dir else None
 
 
+def walltime_problems(preset, nodes: int, asked: str, time_s: int) -> list[str]:
+    """A time above the site's limit for this many nodes would wait in the queue forever: the
+    preset's max_time_by_nodes ({up to N nodes: limit}) refuses it, naming the limit."""
+    from rdhpc.config.schema import slurm_time_seconds
+
+    if not preset.max_time_by_nodes:
+        return []
+    fitting = sorted(n for n in preset.max_time_by_nodes if n >= nodes)
+    if not fitting:
+        return [f"slurm.nodes: {nodes} nodes is more than the {preset.name} preset allows "
+                f"({max(preset.max_time_by_nodes)}, its max_time_by_nodes)"]
+    limit = preset.max_time_by_nodes[fitting[0]]
+    if time_s > slurm_time_seconds(limit):
+        return [f"slurm.time: {asked} is above the {preset.name} limit of {limit} for {nodes} node(s) "
+                f"(max_time_by_nodes in {preset.path}); ask for at most --time {limit}, or more nodes"]
+    return []
+
+
 def plan_job(preset_name: str, slurm, kind: str, run_dir: Path | None, folder: Path | None,
              command: list[str] | None = None) -> JobPlan:
     """Combine the preset with the config's slurm section (whose values, when set, win) and check
@@ -120,6 +138,7 @@ def plan_job(preset_name: str, slurm, kind: str, run_dir: Path | None, folder: P
             problems += [f"slurm.{key}: {m}" for m in check_sbatch_value(str(value))]
     problems += [f"slurm.job_name: {m}" for m in check_job_name(slurm.job_name)]
     time_s = 60 * max(1, math.ceil(slurm_time_seconds(slurm.time) / 60))  # Slurm counts whole minutes
+    problems += walltime_problems(preset, slurm.nodes, slurm.time, time_s)
     margin = slurm.stop_margin_s if slurm.stop_margin_s is not None else preset.stop_margin_s
     if margin >= time_s:
         problems.append(f"slurm.stop_margin_s: {margin} s is not shorter than slurm.time = {slurm.time} "
