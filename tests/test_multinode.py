@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -262,3 +263,67 @@ def test_prep_shards_as_a_two_node_job_matches_a_local_run(tmp_path, shards, mul
     assert local and sorted(p.name for p in out.glob("*.arrow")) == local
     for name in local:
         assert (out / name).read_bytes() == (shards / "shards" / name).read_bytes(), name
+
+
+def test_node_local_staging_on_two_nodes(tmp_path, shards, multi_node_cluster):
+    """--staging on 2 nodes x 2 tasks: the archive lands in each node's own node-local folder,
+    is unpacked exactly once per node (not once per task), the ranks run the staged Python; a
+    broken archive fails the job before any rank starts."""
+    import shutil
+    import tarfile
+
+    import yaml
+
+    local = multi_node_cluster["local"]
+    state = multi_node_cluster["state"]
+    env_root = tmp_path / "env"
+    (env_root / "venv" / "bin").mkdir(parents=True)
+    staged_python = env_root / "venv" / "bin" / "python"
+    # a stand-in for a relocated environment: it says where it runs from, then runs the real Python
+    staged_python.write_text(f'#!/bin/sh\necho "$(hostname) $0" >> "$(dirname "$0")/../../python-used.log"\n'
+                             f'exec {sys.executable} "$@"\n')
+    staged_python.chmod(0o755)
+    archive = tmp_path / "rdhpc-env.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(env_root / "venv", arcname="venv")
+    preset = yaml.safe_load((Path(__file__).resolve().parents[1] / "slurm" / "clusters" / "local.yaml").read_text())
+    preset["staging"] = {"enabled": True, "archive": str(archive), "dest": str(local / "stage"),
+                         "python": "venv/bin/python"}
+    clusters = tmp_path / "clusters"
+    clusters.mkdir()
+    (clusters / "staged.yaml").write_text(yaml.safe_dump(preset))
+    fake_bin = tmp_path / "bin"  # counts the unpacks: a tar that logs its host, then runs the real one
+    fake_bin.mkdir()
+    (fake_bin / "tar").write_text(f'#!/bin/sh\necho "$(hostname)" >> {tmp_path / "unpacks.log"}\nexec /usr/bin/tar "$@"\n')
+    (fake_bin / "tar").chmod(0o755)
+    env = dict(job_env(tmp_path), RDHPC_CLUSTERS_DIR=str(clusters),
+               PATH=os.pathsep.join([str(state / "bin"), str(fake_bin), os.environ["PATH"]]))
+
+    run_dir = tmp_path / "staged-run"
+    args = train_args(shards, run_dir, "train.max_steps=4", "train.micro_batch_size=2")
+    args[args.index("--cluster") + 1] = "staged"
+    done = rdhpc("submit", *args, "--nodes", 2, "--tasks-per-node", 2, "--time", "10", "--wait", "--timeout",
+                 JOB_TIMEOUT, env=env)
+    job = job_id_of(done.stdout)
+    assert f"job {job}: COMPLETED" in done.stdout, done.stdout
+    assert sorted((tmp_path / "unpacks.log").read_text().split()) == ["n1", "n2"]  # once per node, 4 tasks
+    for node in ("n1", "n2"):
+        used = (state / "nodes" / node / "local" / "stage" / "python-used.log").read_text().split("\n")
+        assert any(line.startswith(f"{node} {local}/stage/venv/bin/python") for line in used), used
+    assert not (local / "stage").exists()  # only the nodes' own folders hold it
+    assert "environment staged on 2 node(s)" in (run_dir / "slurm" / f"{job}_0_log.out").read_text()
+
+    (tmp_path / "unpacks.log").unlink()
+    archive.write_bytes(b"not a tar archive")
+    broken = tmp_path / "broken-run"
+    args = train_args(shards, broken, "train.max_steps=4", "train.micro_batch_size=2")
+    args[args.index("--cluster") + 1] = "staged"
+    failed = rdhpc("submit", *args, "--nodes", 2, "--tasks-per-node", 2, "--time", "10", "--wait", "--timeout",
+                   JOB_TIMEOUT, env=env, check=False)
+    job = job_id_of(failed.stdout)
+    assert failed.returncode != 0 and f"job {job}: FAILED" in failed.stdout, failed.stdout
+    log = (broken / "slurm" / f"{job}_0_log.err").read_text() + (broken / "slurm" / f"{job}_0_log.out").read_text()
+    assert "node-local staging failed at unpacking" in log and "no rank was started" in log, log[-2000:]
+    assert not (broken / "metrics.jsonl").exists() and not (broken / "heartbeat").exists()
+    shutil.rmtree(state / "nodes" / "n1" / "local" / "stage", ignore_errors=True)
+    shutil.rmtree(state / "nodes" / "n2" / "local" / "stage", ignore_errors=True)

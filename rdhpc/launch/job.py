@@ -236,12 +236,17 @@ class TrainTask:
         self.max_segments = max_segments
 
     def __call__(self) -> dict:
+        import time
+
+        started = time.perf_counter()
         from rdhpc.config import load_config
-        from rdhpc.train.trainer import train
+        from rdhpc.train.trainer import PeerFailure, train  # torch and DeepSpeed: seconds from a shared file system
 
-        from rdhpc.train.trainer import PeerFailure
-
+        imports_s = time.perf_counter() - started
         ranks, segment = prepare_rank(self.max_segments)
+        if ranks.is_main:
+            _job_log(f"[slurm] rank 0 imported torch, DeepSpeed and rdhpc in {imports_s:.1f} s (every rank reads "
+                     f"them; node-local staging, --staging, takes that off the shared file system)")
         run = load_config(self.config_path)
         try:
             result = train(run, ranks, log=_job_log)

@@ -199,10 +199,18 @@ def setup_lines(plan: JobPlan) -> list[str]:
         dest = quote_env_value(s.dest)
         archive = shell_quote(s.archive)
         local = quote_env_value(s.dest.rstrip("/") + "/rdhpc-env.tar")
-        lines += ["# node-local staging: the environment to every node's local disk (sbcast), then unpacked",
-                  f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 mkdir -p {dest}',
-                  f"sbcast --force --preserve {archive} {local}",
-                  f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 tar -xf {local} -C {dest}']
+        # one task per node (-n as many as nodes: the job's own SLURM_NTASKS would otherwise start
+        # several per node, racing on one folder); any failure ends the job before a rank starts
+        per_node = '--nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1'
+        lines += ["# node-local staging: the environment to every node's local disk (sbcast), unpacked once per node",
+                  "rdhpc_staging_failed() { echo \"rdhpc: node-local staging failed at $1 (the error above names "
+                  "the node); no rank was started\" >&2; exit 1; }",
+                  "staging_started=$(date +%s)",
+                  f"srun {per_node} mkdir -p {dest} || rdhpc_staging_failed mkdir",
+                  f"sbcast --force --preserve {archive} {local} || rdhpc_staging_failed sbcast",
+                  f"srun {per_node} tar -xf {local} -C {dest} || rdhpc_staging_failed unpacking",
+                  'echo "rdhpc: environment staged on $SLURM_JOB_NUM_NODES node(s) in '
+                  '$(( $(date +%s) - staging_started )) s"']
     return lines
 
 
