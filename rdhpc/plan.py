@@ -246,6 +246,20 @@ def recompute_flops_per_token(c: ModelConfig, seq_len: int, mean_with_grad: floa
             "whole_iteration": mean_with_grad * iteration}
 
 
+def checkpoint_bytes(model: ModelConfig, precision: str) -> int:
+    """Bytes of one checkpoint over all ranks: the model's weights as the engine holds them plus the
+    optimizer state (float32 master weights where the weights are bf16, Adam's m and v), which every
+    ZeRO stage writes in full, sharded or not."""
+    import torch
+
+    from rdhpc.model.recurrent_depth import RecurrentDepthModel
+
+    with torch.device("meta"):
+        params = RecurrentDepthModel(model).parameter_counts()["total"]
+    states = state_bytes(params, 0, 1, precision)
+    return int(states["weights"] + states["optimizer"])
+
+
 def state_bytes(num_params: int, stage: int, num_ranks: int, precision: str) -> dict[str, float]:
     w, o = (2, 12) if precision == "bf16" else (4, 8)  # fp32 and bf16-autocast: float32 weights
     weights = w * num_params / (num_ranks if stage >= 3 else 1)

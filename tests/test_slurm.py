@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+from test_adversarial import tiny_disk  # noqa: F401  (fixture: a 1 MiB tmpfs)
 from trained_runs import write_debug_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -386,6 +387,21 @@ def test_dry_run_frontier_has_what_frontier_needs(tmp_path):
     # the paper's fixed 64 MB reduction chunks, as DeepSpeed bucket sizes
     assert "zero.reduce_bucket_size=16777216 zero.allgather_bucket_size=16777216 zero.overlap_comm=false" in text
     assert subprocess.run(["bash", "-n"], input=script, text=True, timeout=30).returncode == 0
+
+
+def test_checkpoints_must_fit_where_the_run_writes_them(tmp_path, tiny_disk):
+    """submit says what the checkpoints will take (rdhpc plan's size x (keep_last + 1)), refuses a
+    file system with less free space before anything reaches Slurm, and a path the preset forbids."""
+    frontier = ["configs/huginn-3.5b-frontier.yaml", "--cluster", "frontier", "--nodes", "512", "--account", "ABC123",
+                "--set", "data.train_dir=/lustre/orion/shards"]
+    dry = rdhpc("submit", *frontier, "--set", f"logging.run_dir={tmp_path / 'run'}", "--dry-run")
+    # 3,564,976,800 parameters x (4 float32 weights + 8 Adam m, v) bytes
+    assert "[submit] checkpoints: 42.78 GB each, 3 kept + 1 being written = 171.12 GB" in dry.stderr, dry.stderr
+    home = rdhpc("submit", *frontier, "--set", "logging.run_dir=/ccs/home/me/run", "--dry-run", check=False)
+    assert home.returncode == 2 and "lies under /ccs/home" in home.stderr and "Orion" in home.stderr
+    full = rdhpc("submit", *train_args(tmp_path, tiny_disk / "run"), "--time", "10", env=job_env(tmp_path), check=False)
+    assert full.returncode == 2 and "would fail at its first saves" in full.stderr, full.stderr
+    assert "submitted job" not in full.stdout and not (tiny_disk / "run" / "slurm").exists()
 
 
 def test_frontier_time_limits_by_node_count(tmp_path):

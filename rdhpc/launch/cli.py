@@ -39,6 +39,8 @@ def add_submit_parser(sub):
                    help="node-local staging of the environment (the preset's staging section)")
     p.add_argument("--log-dir", help="submitit folder: scripts, pickles, per-task logs (default RUN_DIR/slurm)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and environment; submit nothing")
+    p.add_argument("--no-space-check", action="store_true",
+                   help="submit even if the checkpoint folder's file system has less free space than the checkpoints need")
     p.add_argument("--wait", action="store_true", help="wait for the end of the job (all its segments)")
     p.add_argument("--timeout", type=float, default=7 * 24 * 3600, help="seconds --wait waits at most")
     p.add_argument("--prep", nargs=argparse.REMAINDER, metavar="STAGE ARGS",

@@ -76,6 +76,10 @@ class ClusterPreset:
     """Bind each task to GPUs: 'closest' (OLCF's advice on Frontier: `--gpus-per-task=1
     --gpu-bind=closest`, so each rank drives the die of its own NUMA domain and sees one device),
     or None (every rank sees the node's GPUs and takes the LOCAL_RANK-th)."""
+    forbidden_run_paths: list[str] = field(default_factory=list)
+    """Folders where no run may keep its checkpoints (Frontier: /ccs/home, 50 GB and read-only from
+    the compute nodes); `rdhpc submit` refuses them with forbidden_run_paths_advice."""
+    forbidden_run_paths_advice: str | None = None
     max_time_by_nodes: dict[int, str] = field(default_factory=dict)
     """The site's time limit by job size, {up to N nodes: limit} (Frontier: 2 h up to 91 nodes,
     6 h up to 183, 12 h beyond): `rdhpc submit` refuses a longer --time, naming the limit."""

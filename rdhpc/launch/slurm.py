@@ -360,6 +360,32 @@ def _cli_overrides(args) -> list[str]:
     return out
 
 
+def checkpoint_space(run, preset, check_free: bool) -> str:
+    """What the run's checkpoints will take (`rdhpc plan`'s sizes x (checkpoint.keep_last + 1): the
+    kept ones and the one being written), refused on a path the preset forbids (Frontier's home) or,
+    when `check_free`, on a file system with less free space (statvfs). Returns the line it says."""
+    from rdhpc.plan import checkpoint_bytes
+
+    folder = Path(run.checkpoint.dir or RunFolder(run.logging.run_dir).checkpoints).absolute()
+    for forbidden in preset.forbidden_run_paths:
+        root = Path(os.path.expandvars(os.path.expanduser(forbidden)))
+        if folder == root or root in folder.parents:
+            raise SubmitError(f"checkpoint folder {folder} lies under {forbidden}, where the {preset.name} preset "
+                              f"allows no runs: {preset.forbidden_run_paths_advice or 'choose another logging.run_dir'}")
+    each = checkpoint_bytes(run.model, run.train.precision)
+    need = each * (run.checkpoint.keep_last + 1)
+    line = (f"[submit] checkpoints: {each / 1e9:,.2f} GB each, {run.checkpoint.keep_last} kept + 1 being written = "
+            f"{need / 1e9:,.2f} GB in {folder}")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    stats = os.statvfs(existing)
+    free = stats.f_bavail * stats.f_frsize
+    if check_free and free < need:
+        raise SubmitError(f"{line}, but the file system of {existing} has {free / 1e9:,.2f} GB free: the run would "
+                          f"fail at its first saves. Choose logging.run_dir (or checkpoint.dir) on a larger file "
+                          f"system, lower checkpoint.keep_last, or pass --no-space-check")
+    return f"{line} ({free / 1e9:,.1f} GB free there)"
+
+
 def cmd_submit(args) -> int:
     from rdhpc.config import ConfigError, config_from_dict, config_to_yaml, load_config
 
@@ -386,6 +412,8 @@ def cmd_submit(args) -> int:
             raise ConfigError(run.training_problems(), args.config)
         run_dir = Path(run.logging.run_dir)
         plan = plan_job(run.slurm.cluster, run.slurm, "train", run_dir, args.log_dir or run.slurm.folder)
+        space = checkpoint_space(run, plan.preset, check_free=not args.dry_run and not args.no_space_check)
+        print(space, file=sys.stderr)
         # one snapshot per submission: a pending or requeued job keeps its own config even when the
         # same run folder is submitted again with other settings
         plan.config_path = plan.folder / f"{CONFIG_SNAPSHOT[:-5]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.yaml"
