@@ -327,3 +327,26 @@ def test_node_local_staging_on_two_nodes(tmp_path, shards, multi_node_cluster):
     assert not (broken / "metrics.jsonl").exists() and not (broken / "heartbeat").exists()
     shutil.rmtree(state / "nodes" / "n1" / "local" / "stage", ignore_errors=True)
     shutil.rmtree(state / "nodes" / "n2" / "local" / "stage", ignore_errors=True)
+
+
+def test_a_network_slower_than_the_preset_expects_stops_the_job_at_start(tmp_path, shards, multi_node_cluster):
+    """A preset's min_busbw_gbps (RDHPC_MIN_BUSBW_GBPS in the job): a 2-node job whose pre-flight
+    all-reduce is below it stops before step 1 on every rank, naming the likely cause; on one node
+    nothing is checked (its all-reduce never touches the network)."""
+    from rdhpc.distributed.preflight import network_problem
+
+    run_dir = tmp_path / "slow-net"
+    env = job_env(tmp_path)
+    done = rdhpc("submit", *train_args(shards, run_dir, "train.max_steps=4"), "--nodes", 2, "--tasks-per-node", 1,
+                 "--time", "10", "--env", "RDHPC_MIN_BUSBW_GBPS=100000", "--wait", "--timeout", JOB_TIMEOUT, env=env,
+                 check=False)
+    job = job_id_of(done.stdout)
+    assert f"job {job}: FAILED" in done.stdout, done.stdout
+    for task in (0, 1):
+        err = (run_dir / "slurm" / f"{job}_{task}_log.err").read_text()
+        assert f"rank {task}: pre-flight: the all-reduce of 4 MB between 2 nodes ran at" in err, err[-2000:]
+        assert "below the 100000 GB/s the cluster preset expects" in err and "network plugin not loaded" in err
+    assert not (run_dir / "metrics.jsonl").exists()
+    one_host = {"ranks": [{"host": "n1"}, {"host": "n1"}], "allreduce": [{"bytes": 1 << 22, "busbw_gbps": 0.1}]}
+    assert network_problem(one_host, 100000) is None and network_problem({**one_host, "ranks": [
+        {"host": "n1"}, {"host": "n2"}]}, 0) is None

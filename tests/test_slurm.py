@@ -348,6 +348,19 @@ def exports(script: str) -> dict[str, str]:
     return dict(zip(names, done.stdout.decode().split("\0")))
 
 
+# What a Frontier job needs in its environment (slurm/clusters/frontier.yaml cites each: the paper's
+# launcher and OLCF's PyTorch-on-Frontier page, "strongly recommended by HPE and AMD on Frontier for
+# both correctness and best performance at scale"): the test fails if one disappears.
+FRONTIER_NEEDS = {
+    "MPICH_GPU_SUPPORT_ENABLED": "0", "HSA_FORCE_FINE_GRAIN_PCIE": "1", "FI_CXI_ATS": "0", "OMP_NUM_THREADS": "7",
+    "NCCL_NET_GDR_LEVEL": "PHB", "NCCL_SOCKET_IFNAME": "hsn0,hsn1,hsn2,hsn3", "NCCL_CROSS_NIC": "1",
+    "FI_MR_CACHE_MONITOR": "kdreg2", "FI_CXI_DISABLE_HOST_REGISTER": "1", "FI_CXI_DEFAULT_CQ_SIZE": "131072",
+    "FI_CXI_DEFAULT_TX_SIZE": "2048", "FI_CXI_RX_MATCH_MODE": "hybrid", "FI_CXI_RDZV_PROTO": "alt_read",
+    "FI_CXI_RDZV_EAGER_SIZE": "0", "FI_CXI_RDZV_THRESHOLD": "0", "FI_CXI_RDZV_GET_MIN": "0",
+    "RDHPC_MIN_BUSBW_GBPS": "5",
+}
+
+
 def test_dry_run_frontier_has_what_frontier_needs(tmp_path):
     weird = "it's $(touch /tmp/pwned) `x` \"q\" \\ ;|&\n2nd line"
     done = rdhpc("submit", "configs/huginn-3.5b-frontier.yaml", "--cluster", "frontier", "--nodes", "512",
@@ -362,13 +375,20 @@ def test_dry_run_frontier_has_what_frontier_needs(tmp_path):
     assert opts["account"] == "ABC123" and opts["partition"] == "batch" and opts["time"] == "720"
     assert opts["signal"] == "USR2@300" and opts["requeue"] is True and opts["open-mode"] == "append"
     assert "4096 rank(s)" in text and "backend nccl" in text
-    for module in ("PrgEnv-gnu", "rocm/6.2.0", "craype-accel-amd-gfx90a", "cray-mpich"):
+    for module in ("PrgEnv-gnu", "rocm/6.2.0", "rccl-net-plugin", "craype-accel-amd-gfx90a", "cray-mpich"):
         assert f"module load {module}\n" in script
+    assert script.index("module load rocm/") < script.index("module load rccl-net-plugin")  # after rocm (OLCF)
     env = exports(script)
-    assert {k: env[k] for k in ("MPICH_GPU_SUPPORT_ENABLED", "HSA_FORCE_FINE_GRAIN_PCIE", "FI_CXI_ATS",
-                                "NCCL_NET_GDR_LEVEL", "NCCL_SOCKET_IFNAME", "NCCL_CROSS_NIC", "OMP_NUM_THREADS")} == {
-        "MPICH_GPU_SUPPORT_ENABLED": "0", "HSA_FORCE_FINE_GRAIN_PCIE": "1", "FI_CXI_ATS": "0",
-        "NCCL_NET_GDR_LEVEL": "3", "NCCL_SOCKET_IFNAME": "hsn", "NCCL_CROSS_NIC": "1", "OMP_NUM_THREADS": "7"}
+    missing = {k: (env.get(k), v) for k, v in FRONTIER_NEEDS.items() if env.get(k) != v}
+    assert not missing, f"the Frontier job lost what it needs: {missing}"
+    assert env["MIOPEN_USER_DB_PATH"] == env["MIOPEN_CUSTOM_CACHE_DIR"] and env["MIOPEN_USER_DB_PATH"].startswith("/tmp/")
+    assert opts["network"] == "disable_rdzv_get"  # what FI_CXI_RDZV_PROTO=alt_read needs
+    # RCCL fails instead of using sockets, in jobs of several nodes only (one node: no plugin)
+    for nodes, expected in (("512", "OFI"), ("1", "Socket")):
+        probe = script[script.index("if (( SLURM_JOB_NUM_NODES"):].split("\n")[0] + "; echo $NCCL_NET"
+        assert subprocess.run(["bash", "-c", probe], env={"SLURM_JOB_NUM_NODES": nodes}, capture_output=True,
+                              text=True, timeout=30).stdout.strip() == expected
+    assert 'ulimit -n "$(ulimit -Hn)"' in script  # rank 0's rendezvous keeps a socket per rank
     assert env["LD_LIBRARY_PATH"] == "/opt/aws-ofi-rccl/lib:/usr/lib"  # ${NAME} expands
     assert env["WEIRD"] == weird and not Path("/tmp/pwned").exists()  # everything else is literal
     assert "unset RANK LOCAL_RANK WORLD_SIZE" in script and "MASTER_ADDR" in script.split("unset ")[1]
@@ -418,7 +438,7 @@ def test_frontier_time_limits_by_node_count(tmp_path):
         in refused.stderr, refused.stderr
     assert dry(8, "02:00:00").returncode == 0 and dry(128, "06:00:00").returncode == 0
     assert dry(128, "6:01:00").returncode == 2 and dry(512, "12:00:00").returncode == 0
-    assert "more than the frontier preset allows" in dry(9409, "1:00:00").stderr
+    assert "more than the frontier preset allows" in dry(9473, "1:00:00").stderr
 
 
 def test_dry_run_nvidia_and_staging(tmp_path):
@@ -571,7 +591,8 @@ def test_sbatch_templates_are_generated_from_the_presets():
             f"slurm/templates/{name}.sbatch is stale: run python -m rdhpc.launch.templates"
     frontier = (TEMPLATES / "frontier.sbatch").read_text()
     assert "#SBATCH --ntasks-per-node=8\n#SBATCH --cpus-per-task=7\n#SBATCH --gpus-per-node=8" in frontier
-    assert "export NCCL_SOCKET_IFNAME=hsn" in frontier and "module load rocm/6.2.0" in frontier
+    assert "export NCCL_SOCKET_IFNAME=hsn0,hsn1,hsn2,hsn3" in frontier and "module load rccl-net-plugin" in frontier
+    assert "--cpus-per-task=7 --gpus-per-task=1 --gpu-bind=closest" in frontier
 
 
 def test_plain_sbatch_template_trains_on_two_tasks(tmp_path, shards, slurm_cluster):

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from rdhpc.errors import UserError
+
 # Message sizes of the all-reduce test, in bytes: latency-bound, mid, bandwidth-bound. The largest
 # on GPUs is the paper's 64 MB reduction chunk; on the CPU (gloo, tests) smaller sizes keep it short.
 GPU_SIZES = (256 << 10, 8 << 20, 64 << 20)
@@ -33,6 +35,29 @@ SLOW_FRACTION = 0.5
 # Drills and tests: "RANK:FACTOR" makes that rank's GEMM do FACTOR times the work it counts, as a
 # device running at 1/FACTOR of its speed would.
 FAULT_SLOW_RANK = "RDHPC_FAULT_SLOW_RANK"
+# The bus bandwidth (GB/s) a cluster preset expects of the largest all-reduce between nodes (its
+# min_busbw_gbps, exported by the job script); 0 or unset: no check.
+MIN_BUSBW_VARIABLE = "RDHPC_MIN_BUSBW_GBPS"
+
+
+class PreflightError(UserError):
+    """The pre-flight found the job unfit to train (a network far slower than the preset expects)."""
+
+
+def network_problem(report: dict, expected_gbps: float) -> str | None:
+    """Why the all-reduce between nodes is too slow to train on, or None. Only a job across
+    several hosts is checked: one node's all-reduce never touches the network."""
+    hosts = {r["host"] for r in report["ranks"]}
+    if not expected_gbps or len(hosts) < 2 or not report["allreduce"]:
+        return None
+    largest = max(report["allreduce"], key=lambda a: a["bytes"])
+    if largest["busbw_gbps"] >= expected_gbps:
+        return None
+    return (f"the all-reduce of {_size(largest['bytes'])} between {len(hosts)} nodes ran at "
+            f"{largest['busbw_gbps']:.2f} GB/s bus bandwidth, below the {expected_gbps:g} GB/s the cluster preset "
+            f"expects (its min_busbw_gbps): the collectives are probably on TCP sockets, not the fabric (RCCL's or "
+            f"NCCL's network plugin not loaded: on Frontier the rccl-net-plugin module; NCCL_NET=OFI makes RCCL "
+            f"fail at once instead). Set {MIN_BUSBW_VARIABLE}=0 (--env) to train anyway")
 
 
 def _synchronize(device: torch.device):
@@ -159,6 +184,9 @@ def run_preflight(device, ranks, log=print, sizes=None, repeats: int | None = No
             log(f"[preflight] SLOW: rank {rank} ({r['host']}, {r['device']}) runs GEMM at {r['gemm_tflops']:.3f} "
                 f"TFLOP/s, {r['gemm_tflops'] / median:.2f}x the median: check or exclude that node")
         log(f"[preflight] done in {report['seconds']:.2f} s")
+    problem = network_problem(report, float(os.environ.get(MIN_BUSBW_VARIABLE) or 0))
+    if problem:  # every rank has the same report: every rank stops, with the same message
+        raise PreflightError(f"rank {ranks.rank}: pre-flight: {problem}")
     return report
 
 

@@ -188,6 +188,10 @@ def requeue_job(job_id: str) -> None:
 
 
 # ---- what runs in the job ---------------------------------------------------------------------
+# Cache folders of MIOpen, Triton and torch.compile that a preset may put on node-local disk
+# (OLCF: "Needed to bypass MIOpen, Disk I/O Errors"): they must exist on every node.
+NODE_LOCAL_CACHES = ("MIOPEN_USER_DB_PATH", "MIOPEN_CUSTOM_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
+
 def current_segment() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1
 
@@ -199,6 +203,9 @@ def prepare_rank(max_segments: int):
     ranks = discover_ranks()
     values = export_process_group_env(ranks)
     segment = current_segment()
+    for name in NODE_LOCAL_CACHES:  # a preset points them at node-local disk; every rank makes its own
+        if os.environ.get(name):
+            os.makedirs(os.environ[name], exist_ok=True)
     if ranks.is_main:
         try:
             address = socket.gethostbyname(values["MASTER_ADDR"])

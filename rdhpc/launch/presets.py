@@ -76,6 +76,10 @@ class ClusterPreset:
     """Bind each task to GPUs: 'closest' (OLCF's advice on Frontier: `--gpus-per-task=1
     --gpu-bind=closest`, so each rank drives the die of its own NUMA domain and sees one device),
     or None (every rank sees the node's GPUs and takes the LOCAL_RANK-th)."""
+    min_busbw_gbps: float = 0.0
+    """The bus bandwidth (GB/s) the pre-flight's largest all-reduce must reach in a job of several
+    nodes; below it the job stops at start, naming the likely cause (the network plugin not loaded:
+    TCP sockets instead of the fabric). 0: no check. Overridable per job: --env RDHPC_MIN_BUSBW_GBPS=0."""
     forbidden_run_paths: list[str] = field(default_factory=list)
     """Folders where no run may keep its checkpoints (Frontier: /ccs/home, 50 GB and read-only from
     the compute nodes); `rdhpc submit` refuses them with forbidden_run_paths_advice."""

@@ -147,6 +147,10 @@ def plan_job(preset_name: str, slurm, kind: str, run_dir: Path | None, folder: P
     problems += [f"slurm.folder: {m}" for m in check_sbatch_path(str(folder))]
 
     env = dict(preset.env)
+    if preset.min_busbw_gbps:
+        from rdhpc.distributed.preflight import MIN_BUSBW_VARIABLE
+
+        env[MIN_BUSBW_VARIABLE] = f"{preset.min_busbw_gbps:g}"
     for item in slurm.env:
         name, _, value = item.partition("=")
         env[name] = value

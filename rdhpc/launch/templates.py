@@ -61,6 +61,13 @@ def render_template(name: str) -> str:
               "unset " + " ".join(STALE_RANK_VARIABLES)]
     env = dict(p.env)
     env.setdefault("OMP_NUM_THREADS", str(p.cpus_per_task))
+    if p.min_busbw_gbps:
+        from rdhpc.distributed.preflight import MIN_BUSBW_VARIABLE
+
+        env[MIN_BUSBW_VARIABLE] = f"{p.min_busbw_gbps:g}"
+    # srun does not inherit --cpus-per-task on Slurm 22.05-23.02; the preset's GPU binding
+    srun_args = [f"--cpus-per-task={p.cpus_per_task}"] + (
+        ["--gpus-per-task=1", "--gpu-bind=closest"] if p.gpu_bind == "closest" and p.gpus_per_node else [])
     lines += [export_line(k, v) for k, v in env.items()]
     # the preset's run config goes before the user's --set, which may override it
     preset_sets = " ".join(f"--set {o}" for o in p.config_overrides())
@@ -78,7 +85,7 @@ def render_template(name: str) -> str:
         f"export {STOP_AT_VARIABLE}=$(( end_s - {margin} ))",
         "",
         *preset_note,
-        f'srun --kill-on-bad-exit=1 "$RDHPC_PYTHON" -u -m rdhpc.cli train {train_args}',
+        f'srun --kill-on-bad-exit=1 {" ".join(srun_args)} "$RDHPC_PYTHON" -u -m rdhpc.cli train {train_args}',
         'status=$?',
         '[ "$status" -eq 0 ] || exit "$status"',
         '"$RDHPC_PYTHON" -m rdhpc.launch.templates --after-segment "$@"',
