@@ -350,3 +350,14 @@ def test_a_network_slower_than_the_preset_expects_stops_the_job_at_start(tmp_pat
     one_host = {"ranks": [{"host": "n1"}, {"host": "n1"}], "allreduce": [{"bytes": 1 << 22, "busbw_gbps": 0.1}]}
     assert network_problem(one_host, 100000) is None and network_problem({**one_host, "ranks": [
         {"host": "n1"}, {"host": "n2"}]}, 0) is None
+
+
+def test_a_time_above_the_partitions_limit_is_warned_at_submission(tmp_path, shards, multi_node_cluster):
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=30"], check=True, timeout=30)
+    try:
+        args = ["submit", *train_args(shards, tmp_path / "run"), "--nodes", 2, "--tasks-per-node", 1, "--dry-run"]
+        long = rdhpc(*args, "--time", "60", env=job_env(tmp_path))
+        assert "warning: --time 60 min is above the limit of partition debug (30:00, sinfo)" in long.stderr, long.stderr
+        assert "warning" not in rdhpc(*args, "--time", "20", env=job_env(tmp_path)).stderr
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=INFINITE"], check=True, timeout=30)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -441,6 +442,11 @@ def test_frontier_time_limits_by_node_count(tmp_path):
     assert "more than the frontier preset allows" in dry(9473, "1:00:00").stderr
 
 
+# What every NVIDIA job's srun line needs (the test fails if one disappears): -c again (Slurm
+# 22.05-23.02 does not pass --cpus-per-task on), the failing-rank rule, the task guard.
+NVIDIA_SRUN_NEEDS = ("--cpus-per-task=8", "--kill-on-bad-exit=1", "-m rdhpc.launch.guard", "submitit.core._submit")
+
+
 def test_dry_run_nvidia_and_staging(tmp_path):
     done = rdhpc("submit", "configs/debug.yaml", "--cluster", "nvidia", "--nodes", "4", "--partition", "gpu",
                  "--time", "1-00:00:00", "--set", "data.train_dir=/data/shards", "--set",
@@ -453,10 +459,33 @@ def test_dry_run_nvidia_and_staging(tmp_path):
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["OMP_NUM_THREADS"] == "8"
     assert "32 rank(s)" in done.stdout and "backend nccl" in done.stdout and "module load" not in script
     assert "reduce_bucket_size" not in done.stdout  # only the frontier preset fixes the buckets
+    srun = next(line for line in script.splitlines() if line.startswith("srun --unbuffered"))
+    for needed in NVIDIA_SRUN_NEEDS:
+        assert needed in srun, f"the NVIDIA job lost {needed!r}: {srun}"
+    assert "--wckey" not in script and "SLURM_JOB_END_TIME" in script
 
-    # a user's own preset, no code change: Frontier with node-local staging switched on
+    # containers (pyxis/enroot) and whole nodes, from a preset of the user's own
     import yaml
 
+    nvidia = yaml.safe_load((REPO / "slurm" / "clusters" / "nvidia.yaml").read_text())
+    nvidia.update(container_image="nvcr.io#nvidia/pytorch:25.01-py3", container_mounts=["/lustre:/lustre"],
+                  mpi="pmix", sbatch={"exclusive": True, "mem": 0}, account="PRJ9", qos="high", wckey="mywckey")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "pyxis.yaml").write_text(yaml.safe_dump(nvidia))
+    done = rdhpc("submit", "configs/debug.yaml", "--cluster", "pyxis", "--nodes", "4", "--partition", "gpu",
+                 "--set", "data.train_dir=/data/shards", "--set", f"logging.run_dir={tmp_path / 'run2'}", "--dry-run",
+                 env=dict(os.environ, RDHPC_CLUSTERS_DIR=str(tmp_path / "site")))
+    script = done.stdout[done.stdout.index("#!/bin/bash"):done.stdout.index("# environment of every rank")]
+    opts = sbatch_options(script)
+    assert opts["exclusive"] is True and opts["mem"] == "0" and opts["account"] == "PRJ9" and opts["qos"] == "high"
+    assert opts["wckey"] == "mywckey"
+    srun = next(line for line in script.splitlines() if line.startswith("srun --unbuffered"))
+    words = shlex.split(srun)  # as bash reads it
+    at = words.index("--mpi=pmix")
+    assert words[at:at + 3] == ["--mpi=pmix", "--container-image=nvcr.io#nvidia/pytorch:25.01-py3",
+                                "--container-mounts=/lustre:/lustre"], words
+
+    # a user's own preset, no code change: Frontier with node-local staging switched on
     preset = yaml.safe_load((REPO / "slurm" / "clusters" / "frontier.yaml").read_text())
     preset["staging"].update(enabled=True, archive="/lustre/orion/me/rdhpc-env.tar")
     (tmp_path / "clusters").mkdir()

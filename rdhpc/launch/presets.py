@@ -87,6 +87,13 @@ class ClusterPreset:
     max_time_by_nodes: dict[int, str] = field(default_factory=dict)
     """The site's time limit by job size, {up to N nodes: limit} (Frontier: 2 h up to 91 nodes,
     6 h up to 183, 12 h beyond): `rdhpc submit` refuses a longer --time, naming the limit."""
+    container_image: str | None = None
+    """pyxis/enroot: the image every task runs in (srun --container-image), e.g. an NGC PyTorch image."""
+    container_mounts: list[str] = field(default_factory=list)
+    """pyxis: SRC:DST mounts into the container (srun --container-mounts), e.g. the project's file system."""
+    mpi: str | None = None
+    """srun --mpi (pmix for pyxis/enroot users, pmi2 where the site defaults to it); ranks still come
+    from Slurm's variables (rdhpc.distributed.ranks)."""
     wckey: str | None = None
     """sbatch --wckey; None writes none (submitit's default `--wckey=submitit` is refused by sites
     that enforce wckeys)."""
@@ -202,7 +209,14 @@ def _problems(p: ClusterPreset) -> list[str]:
         out.append(f"gpu_bind: unknown value {p.gpu_bind!r}; choose 'closest' or null")
     if p.gpu_bind and p.gpu_vendor == "none":
         out.append("gpu_bind: a preset with gpu_vendor none has no GPUs to bind")
-    for name in ("account", "partition", "qos", "wckey"):
+    if p.container_mounts and not p.container_image:
+        out.append("container_mounts: mounts without a container_image")
+    # shell-quoted on srun's line ('#' is pyxis's registry separator): only what no quoting carries
+    for name, value in [("container_image", p.container_image),
+                        *[(f"container_mounts[{i}]", m) for i, m in enumerate(p.container_mounts)]]:
+        if value is not None and ("\n" in value or "\0" in value):
+            out.append(f"{name}: {value!r} contains a newline or NUL byte")
+    for name in ("account", "partition", "qos", "wckey", "mpi"):
         value = getattr(p, name)
         if value is not None:
             out += [f"{name}: {m}" for m in check_sbatch_value(value)]

@@ -219,10 +219,17 @@ def setup_lines(plan: JobPlan) -> list[str]:
 
 
 def gpu_bind_args(plan: JobPlan) -> list[str]:
-    """srun's GPU binding of the preset: each task its closest GPU, one device visible per rank."""
-    if plan.preset.gpu_bind == "closest" and plan.gpus_per_node:
-        return ["--gpus-per-task=1", "--gpu-bind=closest"]
-    return []
+    """srun's per-task options of the preset: GPU binding (each task its closest GPU, one device
+    visible per rank), the MPI plugin, the pyxis container."""
+    p = plan.preset
+    args = ["--gpus-per-task=1", "--gpu-bind=closest"] if p.gpu_bind == "closest" and plan.gpus_per_node else []
+    if p.mpi:
+        args.append(f"--mpi={p.mpi}")
+    if p.container_image:  # submitit shell-quotes each srun argument itself
+        args.append(f"--container-image={p.container_image}")
+        if p.container_mounts:
+            args.append(f"--container-mounts={','.join(p.container_mounts)}")
+    return args
 
 
 def submitit_parameters(plan: JobPlan) -> dict:
@@ -364,6 +371,31 @@ def _cli_overrides(args) -> list[str]:
     return out
 
 
+def partition_time_warning(plan: JobPlan) -> str | None:
+    """A warning when the job asks for more time than its partition allows (sinfo's %l), if sinfo
+    answers: such a job never starts. Silent when Slurm cannot be asked (a dry run elsewhere)."""
+    from rdhpc.config.schema import slurm_time_seconds
+
+    command = ["sinfo", "-h", "-o", "%P %l"] + (["-p", plan.partition] if plan.partition else [])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:
+        name, _, limit = line.strip().partition(" ")
+        if plan.partition is None and not name.endswith("*"):
+            continue  # without --partition the job goes to the default one, marked with a *
+        try:
+            limit_s = slurm_time_seconds(limit)
+        except ValueError:  # "infinite", "UNLIMITED", "n/a"
+            continue
+        if plan.time_s > limit_s:
+            return (f"[submit] warning: --time {plan.time_minutes} min is above the limit of partition "
+                    f"{name.rstrip('*')} ({limit}, sinfo): the job would never start; ask for less, or another "
+                    f"partition")
+    return None
+
+
 def checkpoint_space(run, preset, check_free: bool) -> str:
     """What the run's checkpoints will take (`rdhpc plan`'s sizes x (checkpoint.keep_last + 1): the
     kept ones and the one being written), refused on a path the preset forbids (Frontier's home) or,
@@ -418,6 +450,9 @@ def cmd_submit(args) -> int:
         plan = plan_job(run.slurm.cluster, run.slurm, "train", run_dir, args.log_dir or run.slurm.folder)
         space = checkpoint_space(run, plan.preset, check_free=not args.dry_run and not args.no_space_check)
         print(space, file=sys.stderr)
+        warning = partition_time_warning(plan)
+        if warning:
+            print(warning, file=sys.stderr)
         # one snapshot per submission: a pending or requeued job keeps its own config even when the
         # same run folder is submitted again with other settings
         plan.config_path = plan.folder / f"{CONFIG_SNAPSHOT[:-5]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.yaml"
