@@ -337,9 +337,10 @@ def test_a_network_slower_than_the_preset_expects_stops_the_job_at_start(tmp_pat
 
     run_dir = tmp_path / "slow-net"
     env = job_env(tmp_path)
+    cache = multi_node_cluster["local"] / "miopen-cache"  # a preset's node-local cache: each rank makes its own
     done = rdhpc("submit", *train_args(shards, run_dir, "train.max_steps=4"), "--nodes", 2, "--tasks-per-node", 1,
-                 "--time", "10", "--env", "RDHPC_MIN_BUSBW_GBPS=100000", "--wait", "--timeout", JOB_TIMEOUT, env=env,
-                 check=False)
+                 "--time", "10", "--env", "RDHPC_MIN_BUSBW_GBPS=100000", "--env", f"MIOPEN_USER_DB_PATH={cache}",
+                 "--wait", "--timeout", JOB_TIMEOUT, env=env, check=False)
     job = job_id_of(done.stdout)
     assert f"job {job}: FAILED" in done.stdout, done.stdout
     for task in (0, 1):
@@ -347,6 +348,9 @@ def test_a_network_slower_than_the_preset_expects_stops_the_job_at_start(tmp_pat
         assert f"rank {task}: pre-flight: the all-reduce of 4 MB between 2 nodes ran at" in err, err[-2000:]
         assert "below the 100000 GB/s the cluster preset expects" in err and "network plugin not loaded" in err
     assert not (run_dir / "metrics.jsonl").exists()
+    state = multi_node_cluster["state"]
+    assert all((state / "nodes" / node / "local" / "miopen-cache").is_dir() for node in ("n1", "n2"))
+    assert "rank 0 imported torch, DeepSpeed and rdhpc in" in (run_dir / "slurm" / f"{job}_0_log.out").read_text()
     one_host = {"ranks": [{"host": "n1"}, {"host": "n1"}], "allreduce": [{"bytes": 1 << 22, "busbw_gbps": 0.1}]}
     assert network_problem(one_host, 100000) is None and network_problem({**one_host, "ranks": [
         {"host": "n1"}, {"host": "n2"}]}, 0) is None
