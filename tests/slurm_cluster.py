@@ -59,6 +59,7 @@ def multi_node_cluster():
         env = slurm_local.start(state, cpus=4, memory_mb=4000, nodes=MULTI_NODES)
     except Exception as exc:  # noqa: BLE001
         slurm_local.stop(state)
+        shutil.rmtree(state, ignore_errors=True)
         pytest.fail(f"cannot start the {MULTI_NODES}-node namespace Slurm: {exc}", pytrace=False)
     try:
         with _client_environment(env):
