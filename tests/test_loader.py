@@ -118,7 +118,9 @@ def test_mismatched_shards_stop_before_the_first_step(shards, tmp_path):
     with pytest.raises(ShardError, match="fewer than one global batch"):
         BatchLoader(ShardDataset(shards, "val"), global_batch_size=10_000, micro_batch_size=1, rank=0,
                     world_size=1, seed=0)
-    with pytest.raises(ValueError, match="does not split"):
+    from rdhpc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.global_batch_size: 8 does not split into 2 ranks"):
         BatchLoader(ShardDataset(shards, "train"), global_batch_size=8, micro_batch_size=3, rank=0,
                     world_size=2, seed=0)
 
