@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 from test_adversarial import tiny_disk  # noqa: F401  (fixture: a 1 MiB tmpfs)
@@ -442,6 +443,20 @@ def test_frontier_time_limits_by_node_count(tmp_path):
     assert "more than the frontier preset allows" in dry(9473, "1:00:00").stderr
 
 
+def dry_run_with_own_preset(tmp_path, base: str, *args, **changes) -> str:
+    """The dry-run script of the debug config on a user's preset: slurm/clusters/BASE.yaml with
+    `changes`, found through RDHPC_CLUSTERS_DIR (no code change)."""
+    preset = yaml.safe_load((REPO / "slurm" / "clusters" / f"{base}.yaml").read_text())
+    preset.update(changes)
+    folder = tmp_path / f"clusters-{len(list(tmp_path.glob('clusters-*')))}"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text(yaml.safe_dump(preset))
+    done = rdhpc("submit", "configs/debug.yaml", "--cluster", "mine", *args, "--set", "data.train_dir=/data/shards",
+                 "--set", f"logging.run_dir={folder / 'run'}", "--dry-run",
+                 env=dict(os.environ, RDHPC_CLUSTERS_DIR=str(folder)))
+    return done.stdout[done.stdout.index("#!/bin/bash"):done.stdout.index("# environment of every rank")]
+
+
 # What every NVIDIA job's srun line needs (the test fails if one disappears): -c again (Slurm
 # 22.05-23.02 does not pass --cpus-per-task on), the failing-rank rule, the task guard.
 NVIDIA_SRUN_NEEDS = ("--cpus-per-task=8", "--kill-on-bad-exit=1", "-m rdhpc.launch.guard", "submitit.core._submit")
@@ -465,17 +480,10 @@ def test_dry_run_nvidia_and_staging(tmp_path):
     assert "--wckey" not in script and "SLURM_JOB_END_TIME" in script
 
     # containers (pyxis/enroot) and whole nodes, from a preset of the user's own
-    import yaml
-
-    nvidia = yaml.safe_load((REPO / "slurm" / "clusters" / "nvidia.yaml").read_text())
-    nvidia.update(container_image="nvcr.io#nvidia/pytorch:25.01-py3", container_mounts=["/lustre:/lustre"],
-                  mpi="pmix", sbatch={"exclusive": True, "mem": 0}, account="PRJ9", qos="high", wckey="mywckey")
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "pyxis.yaml").write_text(yaml.safe_dump(nvidia))
-    done = rdhpc("submit", "configs/debug.yaml", "--cluster", "pyxis", "--nodes", "4", "--partition", "gpu",
-                 "--set", "data.train_dir=/data/shards", "--set", f"logging.run_dir={tmp_path / 'run2'}", "--dry-run",
-                 env=dict(os.environ, RDHPC_CLUSTERS_DIR=str(tmp_path / "site")))
-    script = done.stdout[done.stdout.index("#!/bin/bash"):done.stdout.index("# environment of every rank")]
+    script = dry_run_with_own_preset(tmp_path, "nvidia", "--nodes", "4", "--partition", "gpu",
+                                     container_image="nvcr.io#nvidia/pytorch:25.01-py3",
+                                     container_mounts=["/lustre:/lustre"], mpi="pmix",
+                                     sbatch={"exclusive": True, "mem": 0}, account="PRJ9", qos="high", wckey="mywckey")
     opts = sbatch_options(script)
     assert opts["exclusive"] is True and opts["mem"] == "0" and opts["account"] == "PRJ9" and opts["qos"] == "high"
     assert opts["wckey"] == "mywckey"
@@ -486,14 +494,10 @@ def test_dry_run_nvidia_and_staging(tmp_path):
                                 "--container-mounts=/lustre:/lustre"], words
 
     # a user's own preset, no code change: Frontier with node-local staging switched on
-    preset = yaml.safe_load((REPO / "slurm" / "clusters" / "frontier.yaml").read_text())
-    preset["staging"].update(enabled=True, archive="/lustre/orion/me/rdhpc-env.tar")
-    (tmp_path / "clusters").mkdir()
-    (tmp_path / "clusters" / "myfrontier.yaml").write_text(yaml.safe_dump(preset))
-    done = rdhpc("submit", "configs/debug.yaml", "--cluster", "myfrontier", "--account", "ABC123", "--time", "2:00:00",
-                 "--set", "data.train_dir=/data/shards", "--set", f"logging.run_dir={tmp_path / 'run'}", "--dry-run",
-                 env=dict(os.environ, RDHPC_CLUSTERS_DIR=str(tmp_path / "clusters")))
-    script = done.stdout[done.stdout.index("#!/bin/bash"):done.stdout.index("# environment of every rank")]
+    frontier = yaml.safe_load((REPO / "slurm" / "clusters" / "frontier.yaml").read_text())
+    script = dry_run_with_own_preset(tmp_path, "frontier", "--account", "ABC123", "--time", "2:00:00",
+                                     staging={**frontier["staging"], "enabled": True,
+                                              "archive": "/lustre/orion/me/rdhpc-env.tar"})
     assert sbatch_options(script)["constraint"] == "nvme"
     assert "sbcast --force --preserve /lustre/orion/me/rdhpc-env.tar /mnt/bb/\"${USER}\"/rdhpc-env.tar" in script
     srun = next(line for line in script.splitlines() if line.startswith("srun --unbuffered"))
