@@ -62,7 +62,11 @@ def install() -> None:
 
 # What every cluster of this module shares: the plugins that work without cgroups here (see the
 # module docstring), no accounting, jobs kept visible for an hour, quick scheduling.
-COMMON_SETTINGS = """SlurmctldDebug=info
+COMMON_SETTINGS = """SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -89,10 +93,6 @@ ClusterName=rdhpc-local
 SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
 AuthInfo=socket={munge_socket},cred_expire=5
 StateSaveLocation={state}/ctld
 SlurmdSpoolDir={state}/spool

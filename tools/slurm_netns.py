@@ -151,10 +151,6 @@ ClusterName=rdhpc-netns
 SlurmctldHost=ctl({CONTROLLER_ADDRESS})
 SlurmctldPort={CTLD_PORT}
 SlurmdPort={SLURMD_PORT}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
 AuthInfo=socket={state / 'munge' / 'munge.socket'},cred_expire=10
 StateSaveLocation={state}/ctld
 SlurmdSpoolDir={state}/spool/%n
