@@ -106,6 +106,16 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def _is_cluster_wrappers(folder: Path) -> bool:
+    """STATE/bin of a namespace cluster (its sbatch is our wrapper): on PATH it would send every
+    client command to that cluster."""
+    try:
+        with open(folder / "sbatch", "rb") as f:
+            return b"tools/slurm_netns.py" in f.read(512)  # the wrapper's second line names its maker
+    except OSError:
+        return False
+
+
 def _multi_node(state: Path) -> bool:
     return (Path(state) / "cluster.json").exists()
 
@@ -113,11 +123,12 @@ def _multi_node(state: Path) -> bool:
 def environment(state: Path) -> dict[str, str]:
     """What a client (sbatch, submitit, the tests) needs to talk to this cluster: SLURM_CONF, and
     first on PATH the sacct stand-in (one node) or the wrappers that enter the controller's
-    namespaces (several nodes)."""
+    namespaces (several nodes); another cluster's wrappers left on PATH are dropped."""
     state = Path(state).resolve()
     first = state / "bin" if _multi_node(state) else SACCT_DIR
     path = os.environ.get("PATH", "")
-    parts = [p for p in path.split(os.pathsep) if p and p not in (str(SACCT_DIR), str(first))]
+    parts = [p for p in path.split(os.pathsep)
+             if p and p not in (str(SACCT_DIR), str(first)) and not _is_cluster_wrappers(Path(p))]
     return {"SLURM_CONF": str(state / "slurm.conf"), "PATH": os.pathsep.join([str(first), *parts])}
 
 
@@ -192,7 +203,11 @@ def start(state: Path, cpus: int = 2, memory_mb: int = 20000, timeout: float = 6
     _run(["/usr/sbin/slurmd", "-N", "localhost"], env=env)
     pids["slurmd"] = _wait_for_pid(state / "slurmd.pid", "slurmd", state / "log" / "slurmd.log")
     (state / "pids.json").write_text(json.dumps(pids))
-    _wait_idle(state, timeout, ["localhost"])
+    try:
+        _wait_idle(state, timeout, ["localhost"])
+    except SlurmSetupError:
+        stop(state)  # nothing left running
+        raise
     return environment(state)
 
 
