@@ -105,16 +105,27 @@ def test_the_cluster_is_only_reachable_through_its_namespaces(multi_node_cluster
     assert "127.100.0" not in routes  # the root namespace's routes are untouched
 
 
-def test_a_job_heals_itself_after_a_rank_is_killed(tmp_path, shards, multi_node_cluster):
+HEALING_OVERRIDES = ["train.max_steps=30", "checkpoint.interval=4", "train.heartbeat_interval_s=1",
+                     "train.collective_timeout_s=20"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shards, multi_node_cluster):
+    """The losses of the failure tests' run, never interrupted: 1 node x 2 tasks (the same ranks)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    rdhpc("submit", *train_args(shards, root / "run", *HEALING_OVERRIDES), "--nodes", 1, "--tasks-per-node", 2,
+          "--time", "10", "--wait", "--timeout", JOB_TIMEOUT, env=job_env(root))
+    return losses(root / "run")
+
+
+def test_a_job_heals_itself_after_a_rank_is_killed(tmp_path, shards, multi_node_cluster, uninterrupted):
     """kill -9 of one rank's training process (as the OOM killer or a GPU fault would): the rank
     that survives requeues the job, excluding the dead rank's host; the next segment resumes from
     the last checkpoint on the remaining nodes and finishes; its losses are those of a run that was
     never interrupted. One job id got to the end."""
     import signal
 
-    steps = 30
-    overrides = [f"train.max_steps={steps}", "checkpoint.interval=4", "train.heartbeat_interval_s=1",
-                 "train.collective_timeout_s=20"]
+    overrides = HEALING_OVERRIDES
     run_dir = tmp_path / "healed"
     env = job_env(tmp_path)
     done = rdhpc("submit", *train_args(shards, run_dir, *overrides), "--nodes", 2, "--tasks-per-node", 1,
@@ -141,10 +152,7 @@ def test_a_job_heals_itself_after_a_rank_is_killed(tmp_path, shards, multi_node_
     assert len(records) == 1 and records[0]["exclude"] == "n2" and records[0]["segment"] == 1, records
     assert "rank 1 (host n2" in records[0]["reason"] and "n2 excluded" in status, status
     assert "n2" not in info["slurm"]["nodes"]  # the second segment ran elsewhere
-    reference = tmp_path / "reference"
-    rdhpc("submit", *train_args(shards, reference, *overrides), "--nodes", 1, "--tasks-per-node", 2, "--time", "10",
-          "--wait", "--timeout", JOB_TIMEOUT, env=env)
-    assert losses(run_dir) == losses(reference)  # resumed exactly from the checkpoint
+    assert losses(run_dir) == uninterrupted  # resumed exactly from the checkpoint
     print(f"healed: detected and requeued, then completed {time.monotonic() - killed_at:.1f} s after the kill")
 
 
@@ -173,16 +181,14 @@ def test_which_failures_requeue_and_which_host_is_left_out():
     assert rank_failure(0) is None and rank_failure(1) is None and rank_failure(2) is None
 
 
-def test_a_node_dies_and_the_job_resumes_on_the_others(tmp_path, shards, multi_node_cluster):
+def test_a_node_dies_and_the_job_resumes_on_the_others(tmp_path, shards, multi_node_cluster, uninterrupted):
     """Every process of n2 (its slurmd, the job's step, the rank) is killed: the machine vanishes.
     The surviving rank fails within a bounded time naming the lost host; the job is requeued (by
     the surviving rank, or by Slurm for the failed node), resumes from the last complete checkpoint
     on the remaining nodes and completes with the losses of an uninterrupted run."""
     import slurm_netns
 
-    steps = 30
-    overrides = [f"train.max_steps={steps}", "checkpoint.interval=4", "train.heartbeat_interval_s=1",
-                 "train.collective_timeout_s=20"]
+    overrides = HEALING_OVERRIDES
     run_dir = tmp_path / "node-lost"
     env = job_env(tmp_path)
     job = job_id_of(rdhpc("submit", *train_args(shards, run_dir, *overrides), "--nodes", 2, "--tasks-per-node", 1,
@@ -213,10 +219,7 @@ def test_a_node_dies_and_the_job_resumes_on_the_others(tmp_path, shards, multi_n
         assert named and int(named.group(1)) >= 6, log0[-3000:]
         records = info["run"]["failure_requeues"]
         assert [r["exclude"] for r in records] == ["n2"] and "n2 excluded from the next segment" in log0, records
-        reference = tmp_path / "reference"
-        rdhpc("submit", *train_args(shards, reference, *overrides), "--nodes", 1, "--tasks-per-node", 2,
-              "--time", "10", "--wait", "--timeout", JOB_TIMEOUT, env=env)
-        assert losses(run_dir) == losses(reference)
+        assert losses(run_dir) == uninterrupted
         print(f"node lost: the job completed {healed:.1f} s after n2 vanished; {status}")
     finally:
         slurm_netns.restart_node(multi_node_cluster["state"], "n2")
