@@ -179,6 +179,7 @@ def test_which_failures_requeue_and_which_host_is_left_out():
     # the guard: killed by a signal or by its own watchdog is the machines'; statuses 1 and 2 are the rank's
     assert rank_failure(-9) == "was killed by SIGKILL" and "watchdog" in rank_failure(STALL_EXIT_STATUS)
     assert rank_failure(0) is None and rank_failure(1) is None and rank_failure(2) is None
+    assert rank_failure(-15) is None  # SIGTERM: Slurm ending the job (scancel, its own requeue, the limit)
 
 
 def test_a_node_dies_and_the_job_resumes_on_the_others(tmp_path, shards, multi_node_cluster, uninterrupted):

@@ -152,9 +152,13 @@ def claim_and_requeue(folder, job_id: str, segment: int, rank, decision: Failure
              f"requeueing job {job_id}", file=sys.stderr)
     record = {"job_id": job_id, "segment": segment, "rank": rank, "host": socket.gethostname(),
               "reason": decision.reason, "exclude": decision.exclude, "time": time.time()}
+    try:
+        requeue_job(job_id)
+    except RuntimeError as exc:  # Slurm took the job back meanwhile (its own requeue, a scancel)
+        _job_log(f"[slurm] rank {rank}: not requeued: {exc}", file=sys.stderr)
+        return
     with open(folder.failure_requeues, "a") as f:
         f.write(json.dumps(record) + "\n")
-    requeue_job(job_id)
     if decision.exclude:
         exclude_node(job_id, decision.exclude)
 
