@@ -112,6 +112,20 @@ class ClusterPreset:
         """torch.distributed backend: nccl on GPUs (ROCm's RCCL answers to nccl), gloo on the CPU."""
         return "gloo" if self.gpu_vendor == "none" else "nccl"
 
+    def job_env(self) -> dict:
+        """The environment of every rank: the preset's env, and the pre-flight's bandwidth floor
+        (RDHPC_MIN_BUSBW_GBPS) when the preset names one."""
+        env = dict(self.env)
+        if self.min_busbw_gbps:
+            from rdhpc.distributed.preflight import MIN_BUSBW_VARIABLE
+
+            env[MIN_BUSBW_VARIABLE] = f"{self.min_busbw_gbps:g}"
+        return env
+
+    def gpu_binding_args(self, gpus_per_node: int) -> list[str]:
+        """srun's per-task GPU binding: gpu_bind 'closest' gives each task its closest GPU."""
+        return ["--gpus-per-task=1", "--gpu-bind=closest"] if self.gpu_bind == "closest" and gpus_per_node else []
+
     def config_overrides(self) -> list[str]:
         """`--set` overrides of the run config this preset implies, applied before the user's."""
         if not self.reduce_bucket_mb:

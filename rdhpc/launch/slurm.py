@@ -146,11 +146,7 @@ def plan_job(preset_name: str, slurm, kind: str, run_dir: Path | None, folder: P
     folder = Path(folder or (RunFolder(run_dir).slurm if run_dir else Path("runs") / "slurm")).absolute()
     problems += [f"slurm.folder: {m}" for m in check_sbatch_path(str(folder))]
 
-    env = dict(preset.env)
-    if preset.min_busbw_gbps:
-        from rdhpc.distributed.preflight import MIN_BUSBW_VARIABLE
-
-        env[MIN_BUSBW_VARIABLE] = f"{preset.min_busbw_gbps:g}"
+    env = preset.job_env()
     for item in slurm.env:
         name, _, value = item.partition("=")
         env[name] = value
@@ -222,7 +218,7 @@ def gpu_bind_args(plan: JobPlan) -> list[str]:
     """srun's per-task options of the preset: GPU binding (each task its closest GPU, one device
     visible per rank), the MPI plugin, the pyxis container."""
     p = plan.preset
-    args = ["--gpus-per-task=1", "--gpu-bind=closest"] if p.gpu_bind == "closest" and plan.gpus_per_node else []
+    args = p.gpu_binding_args(plan.gpus_per_node)
     if p.mpi:
         args.append(f"--mpi={p.mpi}")
     if p.container_image:  # submitit shell-quotes each srun argument itself

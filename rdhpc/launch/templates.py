@@ -59,15 +59,10 @@ def render_template(name: str) -> str:
               ': "${RDHPC_PYTHON:=python}"', "",
               "# sbatch exports the submitter's environment: drop what a launcher there left behind",
               "unset " + " ".join(STALE_RANK_VARIABLES)]
-    env = dict(p.env)
+    env = p.job_env()
     env.setdefault("OMP_NUM_THREADS", str(p.cpus_per_task))
-    if p.min_busbw_gbps:
-        from rdhpc.distributed.preflight import MIN_BUSBW_VARIABLE
-
-        env[MIN_BUSBW_VARIABLE] = f"{p.min_busbw_gbps:g}"
     # srun does not inherit --cpus-per-task on Slurm 22.05-23.02; the preset's GPU binding
-    srun_args = [f"--cpus-per-task={p.cpus_per_task}"] + (
-        ["--gpus-per-task=1", "--gpu-bind=closest"] if p.gpu_bind == "closest" and p.gpus_per_node else [])
+    srun_args = [f"--cpus-per-task={p.cpus_per_task}", *p.gpu_binding_args(p.gpus_per_node)]
     lines += [export_line(k, v) for k, v in env.items()]
     # the preset's run config goes before the user's --set, which may override it
     preset_sets = " ".join(f"--set {o}" for o in p.config_overrides())
