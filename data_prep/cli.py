@@ -39,6 +39,11 @@ def add_prep_parser(sub) -> None:
     p.add_argument("--keep-all", nargs="+", default=[], action="extend", metavar="NAME",
                    help="drop packing keeps every token of these sources (chunked whole, the released code's "
                         "precious sources)")
+    p.add_argument("--local-tmp", default=None, metavar="DIR",
+                   help="node-local folder for intermediate files no other node reads (default $RDHPC_LOCAL_TMP; "
+                        "e.g. /mnt/bb/$USER on Frontier, /tmp or $SLURM_TMPDIR elsewhere)")
+    p.add_argument("--pack-task-bytes", type=_size, default=512 << 20,
+                   help="token bytes one pack task holds in memory (bounds memory; larger: fewer piece reads)")
     p.set_defaults(func=_shards)
 
     p = stages.add_parser("verify", help="check shards against their manifest (schema, counts, checksums)")
@@ -70,6 +75,7 @@ def _shards(args) -> int:
     settings = ShardSettings(inputs=args.input, weights=args.weight, tokenizer=args.tokenizer, seq_len=args.seq_len,
                              out=args.out, pack=args.pack, val_fraction=args.val_fraction, seed=args.seed,
                              workers=args.workers, text_field=args.text_field, rows_per_shard=args.rows_per_shard,
-                             piece_bytes=args.piece_bytes, strict=args.strict, keep_all=args.keep_all)
+                             piece_bytes=args.piece_bytes, strict=args.strict, keep_all=args.keep_all,
+                             local_tmp=args.local_tmp, pack_task_bytes=args.pack_task_bytes)
     run_shards(settings, command=["rdhpc", *sys.argv[1:]])
     return 0

@@ -6,10 +6,17 @@
 
 Two stages, each a list of independent tasks split over ranks (task i goes to rank i % world) and,
 inside a rank, over `--workers` processes:
-1. tokenize: each piece of the input (rdhpc.data_prep.sources.Piece) -> `.work/tok/piece-N.tokens`
-   (the ids of its documents) and `piece-N.npz` (their seeded keys, split, copy count and offsets);
-2. pack: each output shard gathers its documents from every piece (key % num_shards), orders them
-   by key and packs them -> `train-N.arrow` / `val-N.arrow`.
+1. tokenize: each piece of the input (rdhpc.data_prep.sources.Piece) -> `.work/tok/piece-N.bin`:
+   per split, its document copies sorted by their seeded 64-bit key, with the keys, the offsets and
+   the tokens in that order (PieceFile);
+2. pack: shard g of G holds the keys in [g * 2^64 / G, (g + 1) * 2^64 / G), ordered by key. Since
+   every piece is sorted by key, a contiguous range of shards is one contiguous range of bytes in
+   each piece: a pack task takes a range of shards, reads its range from every piece once, and
+   packs each shard -> `train-N.arrow` / `val-N.arrow`. File opens and reads therefore grow with
+   pieces x tasks + shards, where tasks are as few as the workers and --pack-task-bytes allow,
+   not with pieces x shards.
+Intermediate files that no other node reads (a piece's tokens before sorting, a shard before it is
+published) are written under --local-tmp (or $RDHPC_LOCAL_TMP), a node-local folder, when given.
 Every file is written under a temporary name and renamed when complete; a stage waits for the other
 ranks through the files themselves, so an interrupted run started again redoes only what is missing
 and produces the same bytes. Rank 0 writes manifest.json last; its presence means "finished".
@@ -23,6 +30,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -41,6 +49,7 @@ from rdhpc.distributed import discover_ranks
 from rdhpc.errors import UserError
 
 WORK_DIR = ".work"
+LOCAL_TMP_VARIABLE = "RDHPC_LOCAL_TMP"
 # Text per encode call: large enough for the encoder's threads to pay off, small enough to bound
 # its memory (HF's Encoding objects take ~50 bytes per token).
 ENCODE_BATCH_BYTES = 4 << 20
@@ -69,7 +78,18 @@ class ShardSettings:
     keep_all: list[str] = field(default_factory=list)
     """Sources whose every token drop packing keeps (chunked whole, as the released code's
     precious sources); the others keep one row per buffer and drop the rest."""
+    local_tmp: str | None = None
+    """Node-local folder for intermediate files no other node reads (default $RDHPC_LOCAL_TMP; none:
+    everything under OUT/.work). Does not change the output."""
+    pack_task_bytes: int = 512 << 20
+    """Token bytes one pack task holds in memory at once: bounds the pack stage's memory however
+    large the corpus; larger tasks open each piece fewer times. Does not change the output."""
     wait_timeout: float = 24 * 3600.0
+
+    @property
+    def local_folder(self) -> Path | None:
+        folder = self.local_tmp or os.environ.get(LOCAL_TMP_VARIABLE)
+        return Path(folder) / "rdhpc-prep" if folder else None
 
     def problems(self) -> list[str]:
         out = []
@@ -82,7 +102,7 @@ class ShardSettings:
         if self.keep_all and self.pack != "drop":
             out.append(f"--keep-all: applies to --pack drop (carry keeps every token of every source), got --pack "
                        f"{self.pack}")
-        for name in ("workers", "rows_per_shard", "piece_bytes"):
+        for name in ("workers", "rows_per_shard", "piece_bytes", "pack_task_bytes"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
         return out
@@ -107,6 +127,9 @@ def output_fingerprint(settings: ShardSettings, sources, tokenizer: TextTokenize
         # how documents are named inside a file, which seeds their keys (line byte offsets; an
         # earlier scheme used line numbers): shards of one scheme never mix with the other's
         "record_ids": "jsonl-byte-offset",
+        # which shard a key goes to: its range of the key space (contiguous in every key-sorted
+        # piece); the earlier key % num_shards scattered every shard over every piece
+        "shard_assignment": "key-range",
     }
 
 
@@ -193,10 +216,104 @@ def _init_worker(settings_dict: dict, threads_per_worker: int | None):
 
 
 def _piece_path(work: Path, index: int) -> Path:
-    """The piece's index (keys, split, copies, document offsets): written last, so its presence
-    means the piece is complete. Beside it: `.tokens` (the raw ids of all its documents, in the
-    shards' dtype) and `.json` (its counts)."""
-    return work / "tok" / f"piece-{index:06d}.npz"
+    """The piece's sorted documents (PieceFile), written last, so its presence means the piece is
+    complete. Beside it: `.json` (its counts)."""
+    return work / "tok" / f"piece-{index:06d}.bin"
+
+
+def _scratch(settings: ShardSettings, name: str) -> Path:
+    """A file only this process reads back: node-local when a local folder is given. A leftover of
+    a killed run for the same file is replaced (the name carries the output folder's hash)."""
+    folder = settings.local_folder
+    if folder is None:
+        return Path(settings.out) / WORK_DIR / "tmp" / name
+    import hashlib
+
+    tag = hashlib.blake2b(str(Path(settings.out).resolve()).encode(), digest_size=6).hexdigest()
+    return folder / f"{tag}-{name}"
+
+
+# A piece file: a 64-byte header (magic, then int64 counts: train copies, val documents, train
+# tokens, val tokens, token itemsize), then uint64 keys and int64 offsets of the train copies, the
+# same of the val documents, the train tokens, the val tokens; all sorted by key within a split.
+_PIECE_MAGIC = b"RDHPCPC2"
+_PIECE_HEADER = 64
+_GATHER_TOKENS = 1 << 23  # tokens per gather when writing a piece: bounds the index array's memory
+
+
+class PieceFile:
+    """A tokenized piece, memory-mapped: `split(name)` gives (keys, offsets, tokens) views, so a
+    pack task finds its key range with a binary search and reads only that range's bytes."""
+
+    def __init__(self, path: Path, dtype: str):
+        import mmap
+
+        self.path = path
+        with open(path, "rb") as f:  # the map keeps the pages; the file is closed at once
+            size = os.fstat(f.fileno()).st_size
+            data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8) if size else \
+                np.empty(0, dtype=np.uint8)
+        sizes = _piece_sizes(data[:_PIECE_HEADER].tobytes(), dtype)
+        if sizes is None or _PIECE_HEADER + sum(sizes) != len(data):
+            raise PrepError(f"{path}: not a complete tokenized piece of this run (truncated? delete the .work folder "
+                            "and run again)")
+        bounds = np.cumsum([_PIECE_HEADER] + sizes).tolist()
+        view = [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        self._splits = {"train": (view[0].view(np.uint64), view[1].view(np.int64), view[4].view(dtype)),
+                        "val": (view[2].view(np.uint64), view[3].view(np.int64), view[5].view(dtype))}
+
+    def split(self, name: str):
+        return self._splits[name]
+
+
+def _piece_sizes(header: bytes, dtype: str) -> list[int] | None:
+    """The byte sizes of a piece file's six arrays, from its header; None if it is not one."""
+    if len(header) < _PIECE_HEADER or header[:8] != _PIECE_MAGIC:
+        return None
+    n_train, n_val, t_train, t_val, itemsize = (int(v) for v in np.frombuffer(header[8:48], dtype=np.int64))
+    if itemsize != np.dtype(dtype).itemsize:
+        return None
+    return [8 * n_train, 8 * (n_train + 1), 8 * n_val, 8 * (n_val + 1), itemsize * t_train, itemsize * t_val]
+
+
+def _piece_complete(path: Path, dtype: str) -> bool:
+    """A piece file left by an earlier run is kept only if whole: pieces are not fsynced (a
+    thousand fsyncs cost as much as tokenizing here), so a node that crashed may have left one
+    short; it is tokenized again."""
+    try:
+        with open(path, "rb") as f:
+            sizes = _piece_sizes(f.read(_PIECE_HEADER), dtype)
+            return sizes is not None and _PIECE_HEADER + sum(sizes) == os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return False
+
+
+def _write_piece(path: Path, values: np.ndarray, lengths: np.ndarray, starts: np.ndarray, splits: dict) -> None:
+    """splits: {"train"|"val": (sorted keys, the document of each)}; tokens gathered in key order,
+    a copy of a weighted document as many times as it has copies (so every shard range is
+    contiguous)."""
+    tmp = path.with_name(path.name + ".tmp")
+    order = [splits["train"], splits["val"]]
+    doc_lengths = [lengths[docs] for _, docs in order]
+    header = np.zeros(_PIECE_HEADER // 8, dtype=np.int64)
+    header[1:6] = [len(order[0][0]), len(order[1][0]), doc_lengths[0].sum(), doc_lengths[1].sum(), values.itemsize]
+    with open(tmp, "wb") as f:
+        f.write(_PIECE_MAGIC + header[1:].tobytes())
+        for (keys, _), lens in zip(order, doc_lengths):
+            offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+            np.cumsum(lens, out=offsets[1:])
+            f.write(keys.astype(np.uint64, copy=False).tobytes())
+            f.write(offsets.tobytes())
+        for (_, docs), lens in zip(order, doc_lengths):
+            ends = np.cumsum(lens)
+            first = 0
+            while first < len(docs):  # a run of documents of about _GATHER_TOKENS tokens (at least one)
+                last = max(first + 1, int(np.searchsorted(ends, (ends[first - 1] if first else 0) + _GATHER_TOKENS)))
+                chunk_lens = lens[first:last]
+                shift = np.repeat(starts[docs[first:last]] - (np.cumsum(chunk_lens) - chunk_lens), chunk_lens)
+                f.write(values[shift + np.arange(int(chunk_lens.sum()))].tobytes())
+                first = last
+    os.replace(tmp, path)
 
 
 def tokenize_piece(task: tuple[int, Piece]) -> dict:
@@ -207,8 +324,9 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
     dtype = np.dtype(token_dtype(tokenizer.vocab_size))
     path = _piece_path(Path(settings.out) / WORK_DIR, index)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokens_path = path.with_suffix(".tokens")
-    tokens_tmp = tokens_path.with_name(tokens_path.name + ".tmp")
+    # The tokens in reading order, read back only by this process to be sorted: node-local scratch
+    unsorted = _scratch(settings, f"piece-{index:06d}.unsorted")
+    unsorted.parent.mkdir(parents=True, exist_ok=True)
     # A reader thread parses the next batch while this thread encodes (the encoders release the GIL).
     batches: queue.Queue = queue.Queue(maxsize=2)
 
@@ -225,7 +343,7 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
     result, length_parts = ReadResult(), []
     # Tokens go to disk batch by batch, already in the shards' dtype: no concatenation of the whole
     # piece in memory, and half the bytes where the vocabulary fits 16 bits.
-    with open(tokens_tmp, "wb") as tokens_file:
+    with open(unsorted, "wb") as tokens_file:
         while (part := batches.get()) is not None:
             if isinstance(part, BaseException):
                 raise part
@@ -243,10 +361,9 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
     keys = document_keys(settings.seed, source.name, source.key_names[piece.file],
                          np.asarray(result.records, dtype=np.uint64))
     val = is_validation(keys, settings.val_fraction)
-    copies = np.where(val, 1, num_copies(keys, source.weight)).astype(np.uint16)
+    copies = np.where(val, 1, num_copies(keys, source.weight)).astype(np.int64)
     lengths = np.concatenate(length_parts) if length_parts else np.empty(0, dtype=np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    starts = np.cumsum(lengths) - lengths
     stats = {
         "piece": index, "source": source.name, "documents": len(keys), "bytes": result.bytes_read,
         "tokens": int(lengths.sum()),
@@ -258,61 +375,126 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
         "train_capped_tokens_with_copies": int((np.minimum(lengths + 2, settings.seq_len + 1) * copies)[~val].sum()),
         "val_capped_tokens": int(np.minimum(lengths + 2, settings.seq_len + 1)[val].sum()),
         "train_copies": int(copies[~val].sum()),
+        "host": socket.gethostname(), "local_tmp": str(settings.local_folder) if settings.local_folder else None,
         "problems": [asdict(p) for p in result.problems],
     }
-    os.replace(tokens_tmp, tokens_path)
+    train = np.flatnonzero(~val)
+    doc_of_copy, train_keys = copy_keys(keys[train], copies[train])
+    train_order = np.argsort(train_keys, kind="stable")
+    val_docs = np.flatnonzero(val)
+    val_order = np.argsort(keys[val_docs], kind="stable")
+    splits = {"train": (train_keys[train_order], train[doc_of_copy[train_order]]),
+              "val": (keys[val_docs][val_order], val_docs[val_order])}
+    values = (np.asarray(np.memmap(unsorted, dtype=dtype, mode="r")) if lengths.sum()
+              else np.empty(0, dtype=dtype))
     _write_json_atomic(path.with_suffix(".json"), stats)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as index_file:
-        np.savez(index_file, keys=keys, val=val, copies=copies, offsets=offsets)
-    os.replace(tmp, path)  # the index appears last: its presence means the piece is complete
+    _write_piece(path, values, lengths, starts, splits)  # appears last: its presence means the piece is complete
+    del values
+    unsorted.unlink()
     return stats
 
 
-# ---- stage 2: pack one shard ---------------------------------------------------------------------
+# ---- stage 2: pack a range of shards -------------------------------------------------------------
 
-def _open_piece(path: Path, dtype: str):
-    with np.load(path) as index:
-        keys, val, copies, offsets = (index[name] for name in ("keys", "val", "copies", "offsets"))
-    tokens_path = path.with_suffix(".tokens")
-    expected = int(offsets[-1]) * np.dtype(dtype).itemsize
-    if tokens_path.stat().st_size != expected:
-        raise PrepError(f"{tokens_path}: {tokens_path.stat().st_size} bytes, its index says {expected} "
-                        "(delete the .work folder and run again)")
-    # memory-mapped: a shard reads only its own documents' pages. A plain ndarray over the map:
-    # slicing a np.memmap runs Python code per slice (twice the whole pack stage's packing time).
-    values = np.asarray(np.memmap(tokens_path, dtype=dtype, mode="r")) if expected else np.empty(0, dtype=dtype)
-    return keys, val, copies.astype(np.int64), offsets, values
+def shard_bounds(num_shards: int) -> list[int]:
+    """Shard g holds the keys in [bounds[g], bounds[g + 1]): equal ranges of the 64-bit key space."""
+    step = -(-(1 << 64) // num_shards)
+    return [min(g * step, 1 << 64) for g in range(num_shards + 1)]
 
 
-def pack_shard(task: tuple[str, int, int, int, frozenset]) -> dict:
-    split, group, num_groups, num_pieces, keep_all_pieces = task
+def _key_index(keys: np.ndarray, bound: int) -> int:
+    return len(keys) if bound >= 1 << 64 else int(np.searchsorted(keys, np.uint64(bound), side="left"))
+
+
+def pack_shards(task: tuple[str, int, int, int, int, frozenset]) -> dict:
+    """Shards [first, last) of a split: one contiguous read per piece, then each shard packed."""
+    split, first, last, num_shards, num_pieces, keep_all_pieces = task
     settings: ShardSettings = _worker_state["settings"]
     tokenizer: TextTokenizer = _worker_state["tokenizer"]
     work = Path(settings.out) / WORK_DIR
     dtype = token_dtype(tokenizer.vocab_size)
-    order_keys, docs, keep_all = [], [], []
+    bounds = shard_bounds(num_shards)
+    finished = _finished_shards(Path(settings.out))
+    todo = [g for g in range(first, last) if shard_name(split, g) not in finished]
+    keys, lengths, tokens, pieces = [], [], [], []
     for index in range(num_pieces):
-        keys, val, copies, offsets, values = _open_piece(_piece_path(work, index), dtype)
-        selected = np.flatnonzero(val == (split == "val"))
-        doc_index, keys_of_copies = copy_keys(keys[selected], copies[selected])
-        mine = np.flatnonzero(keys_of_copies % np.uint64(num_groups) == np.uint64(group))
-        for row, key in zip(selected[doc_index[mine]], keys_of_copies[mine]):
-            order_keys.append(key)
-            docs.append(values[offsets[row]:offsets[row + 1]])
-        keep_all += [index in keep_all_pieces] * len(mine)
-    order = np.argsort(np.asarray(order_keys, dtype=np.uint64), kind="stable")
-    docs = [docs[i] for i in order]
-    flags = np.asarray(keep_all, dtype=bool)[order] if keep_all_pieces else None
-    rows, counts = pack(docs, settings.seq_len + 1, settings.pack, tokenizer.bos_id, tokenizer.eos_id,
-                        tokenizer.pad_id, dtype=np.dtype(dtype), keep_all=flags)
-    path = Path(settings.out) / shard_name(split, group)
-    entry = write_shard(path, rows, seq_len=settings.seq_len, dtype=dtype, tokenizer_sha256=tokenizer.sha256,
-                        split=split)
-    entry.update(real_tokens=counts["real_tokens"], pad_tokens=counts["pad_tokens"], documents=counts["documents"],
-                 dropped_tokens=counts["dropped_tokens"])
-    _write_json_atomic(work / "shards" / (path.name + ".json"), entry)
-    return entry
+        piece_keys, offsets, piece_tokens = PieceFile(_piece_path(work, index), dtype).split(split)
+        a, b = _key_index(piece_keys, bounds[first]), _key_index(piece_keys, bounds[last])
+        if a == b:
+            continue
+        keys.append(np.array(piece_keys[a:b]))
+        range_offsets = np.array(offsets[a:b + 1])
+        lengths.append(np.diff(range_offsets))
+        tokens.append(np.array(piece_tokens[range_offsets[0]:range_offsets[-1]]))  # one contiguous read
+        pieces.append(np.full(b - a, index, dtype=np.int64))
+    keys = np.concatenate(keys) if keys else np.empty(0, dtype=np.uint64)
+    lengths = np.concatenate(lengths) if lengths else np.empty(0, dtype=np.int64)
+    tokens = np.concatenate(tokens) if tokens else np.empty(0, dtype=dtype)
+    pieces = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    # pieces in index order, each sorted: a stable sort breaks ties of equal keys by piece, then by
+    # the copy's place in its piece, as a per-shard gather in piece order would
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    totals, entries = {"documents": 0, "real_tokens": 0}, []
+    keep = np.asarray(sorted(keep_all_pieces), dtype=np.int64)
+    for g in todo:
+        mine = order[_key_index(sorted_keys, bounds[g]):_key_index(sorted_keys, bounds[g + 1])]
+        docs = [tokens[s:s + n] for s, n in zip(starts[mine].tolist(), lengths[mine].tolist())]
+        flags = np.isin(pieces[mine], keep) if keep_all_pieces else None
+        rows, counts = pack(docs, settings.seq_len + 1, settings.pack, tokenizer.bos_id, tokenizer.eos_id,
+                            tokenizer.pad_id, dtype=np.dtype(dtype), keep_all=flags)
+        entry = _write_shard_published(settings, shard_name(split, g), rows, dtype, tokenizer.sha256, split)
+        entry.update(real_tokens=counts["real_tokens"], pad_tokens=counts["pad_tokens"],
+                     documents=counts["documents"], dropped_tokens=counts["dropped_tokens"],
+                     host=socket.gethostname())
+        entries.append(entry)
+        totals["documents"] += counts["documents"]
+        totals["real_tokens"] += counts["real_tokens"]
+    if entries:  # one record per task, not per shard: the pack stage writes O(tasks) small files
+        _write_json_atomic(work / "shards" / f"{split}-{first:05d}-{last:05d}.json", entries)
+    return totals
+
+
+def _finished_shards(out: Path) -> dict[str, dict]:
+    """The shards finished by any task of this or an earlier (interrupted) run: their records,
+    kept where the shard file is there with the recorded size (shards are not fsynced one by one;
+    a node that crashed may have left one short: it is packed again; the manifest's sha256, which
+    `prep verify` and the trainer check, covers the rest)."""
+    finished = {}
+    for record in sorted((out / WORK_DIR / "shards").glob("*.json")):
+        try:
+            entries = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced right now: read again at the next look
+        for entry in entries:
+            try:
+                if (out / entry["file"]).stat().st_size == entry["bytes"]:
+                    finished[entry["file"]] = entry
+            except FileNotFoundError:
+                pass
+    return finished
+
+
+def _write_shard_published(settings: ShardSettings, name: str, rows, dtype: str, tokenizer_sha256: str,
+                           split: str) -> dict:
+    """Write a shard; with a node-local folder, there first, then copied to the output in one
+    sequential write (a parallel file system takes large writes best) and renamed."""
+    final = Path(settings.out) / name
+    if settings.local_folder is None:
+        return write_shard(final, rows, seq_len=settings.seq_len, dtype=dtype, tokenizer_sha256=tokenizer_sha256,
+                           split=split, durable=False)
+    local = _scratch(settings, name)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    entry = write_shard(local, rows, seq_len=settings.seq_len, dtype=dtype, tokenizer_sha256=tokenizer_sha256,
+                        split=split, durable=False)
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, final)
+    finally:
+        local.unlink(missing_ok=True)
+    return entry | {"file": final.name}
 
 
 # ---- orchestration -------------------------------------------------------------------------------
@@ -324,14 +506,15 @@ def _write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _wait_for(paths: list[Path], work: Path, what: str, timeout: float) -> None:
-    """A file barrier: wait until every path exists, failing at once if any rank left a FAILED note."""
+def _wait_for(missing_outputs, work: Path, what: str, timeout: float) -> None:
+    """A file barrier: wait until `missing_outputs()` (a list of what is not there yet) is empty,
+    failing at once if any rank left a FAILED note."""
     deadline = time.monotonic() + timeout
     while True:
         failed = sorted(work.glob("FAILED-rank*"))
         if failed:
             raise PrepError(f"{failed[0].name.removeprefix('FAILED-')} failed: {failed[0].read_text().strip()}")
-        missing = [p for p in paths if not p.exists()]
+        missing = missing_outputs()
         if not missing:
             return
         if time.monotonic() > deadline:
@@ -398,6 +581,25 @@ def _num_groups(tokens: int, settings: ShardSettings) -> int:
     return max(1, -(-tokens // (settings.rows_per_shard * (settings.seq_len + 1))))
 
 
+def _pack_tasks(groups: dict, stats: list[dict], settings: ShardSettings, world_size: int, num_pieces: int,
+                keep_all_pieces: frozenset, itemsize: int) -> list[tuple]:
+    """Contiguous ranges of shards, as few as keep every worker busy and each task's tokens within
+    --pack-task-bytes (what a task reads: every token of its key range, dropped ones included)."""
+    tasks = []
+    for split in ("train", "val"):
+        num_shards = groups[split]
+        if not num_shards:
+            continue
+        read = sum(s["train_tokens_with_copies"] if split == "train" else s["val_tokens"] for s in stats)
+        per_shard = max(1.0, read * itemsize / num_shards)
+        by_memory = max(1, int(settings.pack_task_bytes // per_shard))
+        by_workers = -(-num_shards // (settings.workers * world_size))
+        size = min(by_memory, by_workers)
+        tasks += [(split, g, min(g + size, num_shards), num_shards, num_pieces, keep_all_pieces)
+                  for g in range(0, num_shards, size)]
+    return tasks
+
+
 def run_shards(settings: ShardSettings, command: list[str] | None = None, log=print) -> Path:
     problems = settings.problems()
     if problems:
@@ -458,7 +660,7 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
     else:
         deadline = time.monotonic() + settings.wait_timeout
         while True:  # rank 0 may be rewriting it (inputs changed since an interrupted run)
-            _wait_for([settings_file], work, "start", settings.wait_timeout)
+            _wait_for(lambda: [] if settings_file.exists() else [settings_file], work, "start", settings.wait_timeout)
             if _read_work_settings(settings_file) == expected:
                 break
             if time.monotonic() > deadline:
@@ -470,7 +672,9 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
     try:
         pieces = plan_pieces(sources, settings.piece_bytes)
         piece_paths = [_piece_path(work, i) for i in range(len(pieces))]
-        todo = [(i, p) for i, p in enumerate(pieces) if i % ranks.world_size == ranks.rank and not piece_paths[i].exists()]
+        dtype = token_dtype(tokenizer.vocab_size)
+        todo = [(i, p) for i, p in enumerate(pieces)
+                if i % ranks.world_size == ranks.rank and not _piece_complete(piece_paths[i], dtype)]
         # Largest first: a big piece started last would leave the other workers idle at the end.
         # That matters for compressed and .txt inputs, which are not cut (a multi-GB .jsonl.zst is
         # one piece); .jsonl pieces are at most --piece-bytes, and on the benchmark's corpus the
@@ -484,7 +688,13 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
                    if any(p.exists() for p in piece_paths) else ""))
         setup_done = time.monotonic()
         _run_tasks(tokenize_piece, todo, workers, "tokenize", show, "piece")
-        _wait_for(piece_paths, work, "tokenize", wait_timeout)
+        unchecked = list(piece_paths)
+
+        def pieces_missing():  # each piece is checked whole once it exists (an earlier run's may be short)
+            unchecked[:] = [p for p in unchecked if not _piece_complete(p, dtype)]
+            return unchecked
+
+        _wait_for(pieces_missing, work, "tokenize", wait_timeout)
         tokenize_done = time.monotonic()
 
         stats = [json.loads(p.with_suffix(".json").read_text()) for p in piece_paths]
@@ -497,14 +707,24 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
         groups = {"train": _num_groups(sum(kept(s, "train") for s in stats), settings),
                   "val": _num_groups(sum(kept(s, "val") for s in stats), settings)
                   if any(s["val_documents"] for s in stats) else 0}
-        tasks = [(split, g, groups[split], len(pieces), keep_all_pieces) for split in ("train", "val")
-                 for g in range(groups[split])]
-        shard_stats = [work / "shards" / (shard_name(split, g) + ".json") for split, g, _, _, _ in tasks]
-        todo = [t for i, t in enumerate(tasks) if i % ranks.world_size == ranks.rank and not shard_stats[i].exists()]
-        _run_tasks(pack_shard, todo, workers, "pack", show, "shard")
+        tasks = _pack_tasks(groups, stats, settings, ranks.world_size, len(pieces), keep_all_pieces,
+                            np.dtype(token_dtype(tokenizer.vocab_size)).itemsize)
+        names = [shard_name(split, g) for split in ("train", "val") for g in range(groups[split])]
+        finished = _finished_shards(out)
+        todo = [t for i, t in enumerate(tasks) if i % ranks.world_size == ranks.rank
+                and any(shard_name(t[0], g) not in finished for g in range(t[1], t[2]))]
+        if ranks.is_main:
+            log(f"[prep] packing {len(names)} shards in {len(tasks)} tasks: each reads its range of every "
+                f"piece once ({len(tasks) * len(pieces):,} piece reads)")
+        _run_tasks(pack_shards, todo, workers, "pack", show, "task")
         if not ranks.is_main:
             return out  # rank 0 gathers the shards' counts and may delete .work as soon as all exist
-        _wait_for(shard_stats, work, "pack", wait_timeout)
+
+        def shards_missing():
+            finished.update(_finished_shards(out))
+            return [n for n in names if n not in finished]
+
+        _wait_for(shards_missing, work, "pack", wait_timeout)
     except BaseException as exc:
         try:
             (work / f"FAILED-rank{ranks.rank}").write_text(f"{type(exc).__name__}: {exc}\n")
@@ -518,7 +738,7 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
     finally:
         workers.close()
 
-    entries = [json.loads(p.read_text()) for p in shard_stats]
+    entries = [finished[n] for n in names]
     report = _report(stats, entries, sources)
     changed = changed_inputs(inputs, input_signature(sources))  # edited while this command read them
     if changed:
@@ -567,4 +787,16 @@ def _report(piece_stats: list[dict], shard_entries: list[dict], sources) -> dict
         "problems": [str(p) for p in reported],
         "dropped_tokens": sum(e["dropped_tokens"] for e in shard_entries),
         "sources": {s.name: {"weight": s.weight, **by_source.get(s.name, {})} for s in sources},
+        "hosts": _hosts(piece_stats, shard_entries),
     }
+
+
+def _hosts(piece_stats: list[dict], shard_entries: list[dict]) -> dict:
+    """Which host tokenized how many pieces and packed how many shards, and its node-local folder."""
+    hosts: dict[str, dict] = {}
+    for s in piece_stats:
+        entry = hosts.setdefault(s.get("host", "?"), {"pieces": 0, "shards": 0, "local_tmp": s.get("local_tmp")})
+        entry["pieces"] += 1
+    for e in shard_entries:
+        hosts.setdefault(e.get("host", "?"), {"pieces": 0, "shards": 0, "local_tmp": None})["shards"] += 1
+    return dict(sorted(hosts.items()))

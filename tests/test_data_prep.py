@@ -327,7 +327,7 @@ def test_kill_and_rerun_gives_identical_output(tmp_path, corpus, tokenizer_path)
     args = ["--input", str(root), "--tokenizer", str(tokenizer_path), "--seq-len", "128", "--out", str(out),
             "--rows-per-shard", "64", "--piece-bytes", "20000"]
     # kill -9 once during tokenization and once during packing, then finish
-    for stage, pattern, at_least in (("tokenize", ".work/tok/*.npz", 3), ("pack", "*.arrow", 1)):
+    for stage, pattern, at_least in (("tokenize", ".work/tok/*.bin", 3), ("pack", "*.arrow", 1)):
         process = run_cli_prep(args)
         deadline = time.monotonic() + 120
         while len(list(out.glob(pattern))) < at_least and process.poll() is None and time.monotonic() < deadline:
