@@ -146,3 +146,34 @@ def test_a_resume_on_other_data_is_refused(shards, tmp_path):
         other.load_state_dict(state)
     older = {k: v for k, v in state.items() if k != "sources"}  # a checkpoint from before sources were recorded
     other.load_state_dict(older)
+
+
+def test_shards_are_opened_when_first_read_and_checked_then(shards, tmp_path):
+    """Start-up reads the manifest only (issue 17: 24k shards x 4096 ranks opened at every start);
+    a shard is opened, its header checked against the manifest, when one of its rows is first read,
+    and the run-start verification (verify) checks every header too."""
+    import shutil
+
+    from rdhpc.data.format import read_manifest
+
+    dataset = ShardDataset(shards, "train", seq_len=32)
+    assert dataset.num_opened == 0 and len(dataset) == sum(e.rows for e in dataset.entries)
+    dataset.rows(np.array([0, 1, 2]))
+    assert dataset.num_opened == 1
+    dataset.rows(np.array([len(dataset) - 1]))
+    assert dataset.num_opened == 2
+    # a shard whose row count disagrees with the manifest: found on first open, and by verify
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    manifest = read_manifest(bad)
+    entry = manifest.split_shards("train")[1]
+    entry.rows += 1
+    manifest.write(bad)
+    lazy = ShardDataset(bad, "train")
+    lazy.rows(np.array([0]))  # the first shard is fine
+    with pytest.raises(ShardError, match=f"{entry.file}: {entry.rows - 1} rows, the manifest says {entry.rows}"):
+        lazy.rows(np.array([int(lazy.starts[1])]))
+    assert lazy.num_opened == 1
+    problems = ShardDataset(bad, "train").verify(rank=1, world_size=2)
+    assert len(problems) == 1 and entry.file in problems[0]
+    assert ShardDataset(bad, "train").verify(rank=0, world_size=2) == []

@@ -98,8 +98,15 @@ class RowSource(Protocol):
 
 class ShardDataset:
     """Every row of one split of a `rdhpc prep shards` folder, addressed by a global row index.
-    Each shard is checked when opened (version, dtype, seq_len, tokenizer hash, row count; sha256
-    too with verify_checksums): a bad shard stops the run before step 1, naming the file."""
+
+    Start-up reads the manifest only: the row counts come from it, and no shard is opened until one
+    of its rows is first read. A job of many ranks over many shards would otherwise open
+    shards x ranks files on the metadata servers before step 1 (24k x 4096 = 100 million), at every
+    start and every requeued segment. A shard's header (version, dtype, seq_len, tokenizer hash, row
+    count against the manifest) is checked when it is opened, so with data.verify_checksums 'never'
+    a bad shard still fails before its rows feed a step; with 'once' (the default) or 'always',
+    `verify` checks every shard's header, sha256 and token range once before step 1, spread over
+    the ranks (verify_shards), so a bad shard stops every rank, naming the file."""
 
     def __init__(self, folder: str | Path, split: str, seq_len: int | None = None,
                  tokenizer_sha256: str | None = None, verify_checksums: bool = False):
@@ -116,14 +123,36 @@ class ShardDataset:
             raise ShardError(f"{self.folder}: no {split} rows")
         self.split = split
         self.entries = entries
-        self.readers = [open_shard(self.folder, e, self.manifest, verify_checksum=verify_checksums) for e in entries]
-        self.starts = np.cumsum([0] + [len(r) for r in self.readers])
+        self.verify_checksums = verify_checksums  # sha256 at first open too (tests, `rdhpc eval`)
+        self._readers: list = [None] * len(entries)  # opened on first read
+        self._open_lock = threading.Lock()  # the prefetch thread and the evaluators may read at once
+        self.num_opened = 0  # shards this process opened: what tools/bench_loader_start.py counts
+        self.starts = np.cumsum([0] + [e.rows for e in entries])
         self.num_rows = int(self.starts[-1])
         self.seq_len = self.manifest.seq_len
         self.pad_id = self.manifest.tokenizer.pad_id
 
     def __len__(self) -> int:
         return self.num_rows
+
+    def reader(self, shard: int):
+        """The reader of the split's shard number `shard`, opened (and its header checked against
+        the manifest) on first use."""
+        reader = self._readers[shard]
+        if reader is None:
+            with self._open_lock:
+                reader = self._readers[shard]
+                if reader is None:
+                    reader = open_shard(self.folder, self.entries[shard], self.manifest,
+                                        verify_checksum=self.verify_checksums)
+                    self._readers[shard] = reader
+                    self.num_opened += 1
+        return reader
+
+    @property
+    def readers(self) -> list:
+        """Every shard's reader: opens them all (tests and tools; training opens them as it reads)."""
+        return [self.reader(i) for i in range(len(self.entries))]
 
     def fingerprint(self) -> dict:
         """What identifies these rows wherever the folder lies: the tokenizer and a hash of the
@@ -137,25 +166,27 @@ class ShardDataset:
         shard = np.searchsorted(self.starts, indices, side="right") - 1
         out = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
         for i, (s, index) in enumerate(zip(shard.tolist(), indices.tolist())):
-            out[i] = self.readers[s].row(index - int(self.starts[s]))
+            out[i] = self.reader(s).row(index - int(self.starts[s]))
         vocab = self.manifest.tokenizer.vocab_size
         if out.size and int(out.max()) >= vocab:  # a cheap check of every batch: never an embedding out of range
             i = int(np.flatnonzero(out.max(axis=1) >= vocab)[0])
             s = int(shard[i])
-            raise ShardError(f"{self.readers[s].path}: row {int(indices[i]) - int(self.starts[s])} holds token id "
-                             f"{int(out[i].max())}, beyond the vocabulary of {vocab} (the shards' tokenizer): a "
-                             f"corrupted or foreign shard")
+            raise ShardError(f"{self.folder / self.entries[s].file}: row {int(indices[i]) - int(self.starts[s])} "
+                             f"holds token id {int(out[i].max())}, beyond the vocabulary of {vocab} (the shards' "
+                             f"tokenizer): a corrupted or foreign shard")
         return out
 
     def verify(self, rank: int = 0, world_size: int = 1) -> list[str]:
-        """This rank's share (every world_size-th shard) of a full check: sha256 against the
-        manifest, token ids within the vocabulary. The problems found, each naming its shard."""
-        from rdhpc.data.format import file_sha256
-
+        """This rank's share (every world_size-th shard) of a full check: the header against the
+        manifest (what a first open checks), sha256 against the manifest, token ids within the
+        vocabulary. The problems found, each naming its shard. The readers it opens are not kept:
+        a rank reads other shards than the ones it verifies."""
         problems, vocab = [], self.manifest.tokenizer.vocab_size
-        for entry, reader in list(zip(self.entries, self.readers))[rank::world_size]:
-            if file_sha256(reader.path) != entry.sha256:
-                problems.append(f"{reader.path}: sha256 does not match the manifest (corrupted or replaced file)")
+        for entry in self.entries[rank::world_size]:
+            try:
+                reader = open_shard(self.folder, entry, self.manifest, verify_checksum=True)
+            except ShardError as exc:
+                problems.append(str(exc))
                 continue
             rows = reader.all_rows()
             if rows.size and int(rows.max()) >= vocab:
@@ -165,10 +196,11 @@ class ShardDataset:
 
 def verify_shards(datasets: dict[str, ShardDataset], mode: str, record: Path, rank: int, world_size: int,
                   gather, log=print) -> None:
-    """data.verify_checksums before step 1: every shard's sha256 and token range, each rank a
+    """data.verify_checksums before step 1: every shard's header, sha256 and token range, each rank a
     share (ShardDataset.verify), every problem raised on every rank (`gather` joins the ranks'
-    lists). With 'once', what `record` (in the run folder) says was verified is not read again, so
-    a requeued segment starts at once; 'never' skips it."""
+    lists, so all ranks agree). With 'once', what `record` (in the run folder) says was verified is
+    not read again, so a requeued segment starts at once; 'never' skips it (a shard's header is then
+    checked when the shard is first read)."""
     import json
     import time
 
@@ -187,7 +219,7 @@ def verify_shards(datasets: dict[str, ShardDataset], mode: str, record: Path, ra
         record.write_text(json.dumps(done))
     entries = [e for d in datasets.values() for e in d.entries]
     log(f"[train] verified {len(entries)} shard(s), {sum(e.bytes for e in entries) / 1e6:,.1f} MB (sha256 and "
-        f"token ids) on {world_size} rank(s) in {time.perf_counter() - started:.2f} s")
+        f"token ids) and their headers on {world_size} rank(s) in {time.perf_counter() - started:.2f} s")
 
 
 def inputs_and_labels(rows: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +235,7 @@ class BatchLoader:
     the order, the rank slicing, the tensors and the prefetch live here, the rows in the source."""
 
     def __init__(self, dataset: RowSource, global_batch_size: int, micro_batch_size: int, rank: int,
-                 world_size: int, seed: int, on_exhausted: str = "stop", prefetch_steps: int = 2):
+                 world_size: int, seed: int, on_exhausted: str = "stop", prefetch_steps: int = 2, log=None):
         per_rank, remainder = divmod(global_batch_size, world_size)
         if remainder or per_rank % micro_batch_size:
             raise ConfigError([f"train.global_batch_size: {global_batch_size} does not split into {world_size} "
@@ -220,10 +252,16 @@ class BatchLoader:
         self.prefetch_steps = prefetch_steps
         self.consumed_steps = 0  # global batches handed out: the position a checkpoint stores
         self._permutations: dict[int, FeistelPermutation] = {}
+        # A source that orders its own rows (a Mixture: the weights decide which source fills each
+        # slot) hands the loader its order; a plain source is one permutation of all its rows.
+        make_order = getattr(dataset, "batch_order", None)
+        self.order = make_order(global_batch_size, seed, on_exhausted, log) if make_order else None
 
     # ---- the global order -------------------------------------------------------------------------
     def global_batch_indices(self, step: int) -> np.ndarray:
         """Row indices of the whole global batch of optimizer step `step` (0-based)."""
+        if self.order is not None:
+            return self.order.global_batch_indices(step)
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch not in self._permutations:
             self._permutations = {epoch: FeistelPermutation(len(self.dataset), self.seed, epoch)}
@@ -240,12 +278,25 @@ class BatchLoader:
                 for i in range(0, len(rows), self.micro_batch_size)]
 
     def exhausted(self, step: int) -> bool:
+        if self.order is not None:
+            return self.order.exhausted(step)
         return self.on_exhausted == "stop" and step >= self.steps_per_epoch
+
+    def source_scalars(self, step: int) -> dict[str, float]:
+        """Per-source figures for TensorBoard (a mixture's tokens per source); none for one source."""
+        return self.order.scalars(step) if self.order is not None else {}
+
+    def _fingerprints(self) -> list[dict]:
+        fingerprints = getattr(self.dataset, "fingerprints", None)
+        return fingerprints() if fingerprints else [self.dataset.fingerprint()]
 
     # ---- iteration with prefetch ------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"consumed_steps": self.consumed_steps, "seed": self.seed, "global_batch_size": self.global_batch_size,
-                "num_rows": len(self.dataset), "sources": [self.dataset.fingerprint()]}
+        state = {"consumed_steps": self.consumed_steps, "seed": self.seed, "global_batch_size": self.global_batch_size,
+                 "num_rows": len(self.dataset), "sources": self._fingerprints()}
+        if self.order is not None:
+            state["mixture"] = self.order.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a checkpoint's position; refuse when the data is not the data the run was
@@ -254,12 +305,18 @@ class BatchLoader:
         now = self.state_dict()
         problems = [f"{key} was {state[key]}, now {now[key]}" for key in ("seed", "global_batch_size", "num_rows")
                     if state[key] != now[key]]
-        for before, after in zip(state.get("sources", []), now["sources"]):
+        before_sources = state.get("sources", [])
+        names = [[s.get("name") for s in sources] for sources in (before_sources, now["sources"])]
+        if before_sources and names[0] != names[1]:
+            problems.append(f"the sources were {names[0]}, now {names[1]}")
+        for before, after in zip(before_sources, now["sources"]):
             problems += [f"{after['folder']}: {key} was {before[key][:16]}, now {after[key][:16]} (the checkpoint was "
                          f"trained on {before['folder']})"
                          for key in ("tokenizer_sha256", "shards_sha256") if before.get(key) not in (None, after[key])]
         if problems:
             raise ShardError("cannot resume the data order: " + "; ".join(problems))
+        if self.order is not None:
+            self.order.load_state_dict(state.get("mixture"), int(state["consumed_steps"]))
         self.consumed_steps = int(state["consumed_steps"])
 
     def __iter__(self):
