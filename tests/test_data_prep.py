@@ -280,12 +280,49 @@ def test_keep_all_sources_in_prep_shards(tmp_path, corpus, tokenizer_path):
 def test_output_is_identical_for_any_number_of_workers_and_pieces(tmp_path, corpus, tokenizer_path):
     root, _ = corpus
     one = prep(tmp_path, root, tokenizer_path, name="w1", workers=1, piece_bytes=64 << 20, rows_per_shard=16)
-    three = prep(tmp_path, root, tokenizer_path, name="w3", workers=3, piece_bytes=50_000, rows_per_shard=16)
+    # many pieces, one shard per pack task, and a node-local folder for the intermediate files
+    local = tmp_path / "node-local"
+    three = prep(tmp_path, root, tokenizer_path, name="w3", workers=3, piece_bytes=50_000, rows_per_shard=16,
+                 pack_task_bytes=1, local_tmp=str(local))
     assert shard_bytes(one) == shard_bytes(three)
     assert len(shard_bytes(one)) > 2
     assert read_manifest(one).shards == read_manifest(three).shards
+    hosts = read_manifest(three).report["hosts"]
+    assert [h["local_tmp"] for h in hosts.values()] == [str(local / "rdhpc-prep")]
+    assert sum(h["pieces"] for h in hosts.values()) > 3 and local.is_dir() and not any(local.rglob("*.*"))
     other_seed = prep(tmp_path, root, tokenizer_path, name="seed1", seed=1, rows_per_shard=16)
     assert shard_bytes(other_seed) != shard_bytes(one)
+
+
+def test_a_shard_holds_one_range_of_keys_and_a_resume_keeps_only_whole_files(tmp_path):
+    """Shard g of G holds the keys in [g 2^64 / G, (g + 1) 2^64 / G): every range is contiguous in a
+    key-sorted piece. Pieces and shards are not fsynced one by one, so a resume after a crash keeps
+    only the files of the recorded size (a short one is made again)."""
+    from data_prep.shards import PieceFile, _finished_shards, _piece_complete, _write_piece, shard_bounds
+
+    for num_shards in (1, 3, 7, 1000):
+        bounds = shard_bounds(num_shards)
+        assert bounds[0] == 0 and bounds[-1] == 1 << 64 and len(bounds) == num_shards + 1
+        assert all(b > a for a, b in zip(bounds, bounds[1:]))
+    values = np.arange(100, dtype=np.uint16)
+    lengths, starts = np.array([10, 20, 70]), np.array([0, 10, 30])
+    path = tmp_path / "piece-000000.bin"
+    _write_piece(path, values, lengths, starts, {"train": (np.array([5, 9, 9], dtype=np.uint64), np.array([2, 0, 0])),
+                                                 "val": (np.array([7], dtype=np.uint64), np.array([1]))})
+    keys, offsets, tokens = PieceFile(path, "uint16").split("train")
+    assert keys.tolist() == [5, 9, 9] and offsets.tolist() == [0, 70, 80, 90]  # a copied document twice
+    assert tokens[:70].tolist() == list(range(30, 100)) and tokens[70:].tolist() == list(range(10)) * 2
+    assert PieceFile(path, "uint16").split("val")[2].tolist() == list(range(10, 30))
+    assert _piece_complete(path, "uint16") and not _piece_complete(path, "uint32")
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 2)
+    assert not _piece_complete(path, "uint16") and not _piece_complete(tmp_path / "nothing.bin", "uint16")
+    (tmp_path / ".work" / "shards").mkdir(parents=True)
+    (tmp_path / "train-00000.arrow").write_bytes(b"x" * 10)
+    (tmp_path / "train-00001.arrow").write_bytes(b"x" * 4)  # short: a crash before its pages reached the disk
+    (tmp_path / ".work" / "shards" / "train-00000-00002.json").write_text(json.dumps(
+        [{"file": "train-00000.arrow", "bytes": 10}, {"file": "train-00001.arrow", "bytes": 10}]))
+    assert list(_finished_shards(tmp_path)) == ["train-00000.arrow"]
 
 
 def test_pieces_know_their_size_for_largest_first_scheduling(tmp_path):
