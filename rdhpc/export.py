@@ -143,9 +143,9 @@ def _load_deepspeed(folder: Path, tag: str, device, dtype) -> LoadedCheckpoint:
 def _tokenizer_of_run(run) -> tuple[str | None, str | None]:
     """(path, None) of the tokenizer recorded in the manifest of the run's training shards, or
     (None, why it is not known) for the message of the command that needs it."""
-    if run is None or not run.data.train_dir:
+    if run is None or not run.data.first_dir():
         return None, "the checkpoint records no training data"
-    train_dir = Path(run.data.train_dir)
+    train_dir = Path(run.data.first_dir())
     manifest = train_dir / "manifest.json"
     if not manifest.is_file():
         relative = "" if train_dir.is_absolute() else (

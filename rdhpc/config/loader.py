@@ -93,6 +93,11 @@ def _convert(value: Any, tp, key: str, problems: list[str]) -> Any:
             if len(problems) > before:
                 return None
             return tuple(items) if origin is tuple else items
+    elif dataclasses.is_dataclass(tp):  # an item of a list of sections (data.sources)
+        if isinstance(value, dict):
+            before = len(problems)
+            built = build_section(tp, value, key, problems)
+            return None if len(problems) > before else built
     else:
         raise TypeError(f"unsupported config annotation {tp!r} for {key}")
     problems.append(f"{key}: expected {_type_name(tp) if origin is None else str(tp).replace('typing.', '')}, "

@@ -8,7 +8,9 @@ problem at once. The resolved config is saved next to every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,12 +53,44 @@ SDPA_BACKENDS = {
 }
 
 
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass
+class SourceConfig:
+    """One dataset of a mixture (data.sources)."""
+
+    name: str = ""
+    """Letters, digits, _ and -: the TensorBoard tags `val/<name>/loss_r{d}` and `data/<name>/tokens`,
+    and what a checkpoint records; the permutation of its rows is seeded from it."""
+    dir: str = ""
+    """A `rdhpc prep shards` output folder; its train split is blended, its val split validated."""
+    weight: float = 1.0
+    """Relative weight (> 0): the source's share of every window of data.mixture_window global batches
+    is weight / (sum of weights), to within one row."""
+
+
 @dataclass
 class DataConfig:
     train_dir: str | None = None
-    """Folder of training shards written by `rdhpc prep shards` (its manifest.json is checked)."""
+    """Folder of training shards written by `rdhpc prep shards` (its manifest.json is checked): the
+    one-source run (or give data.sources)."""
     val_dir: str | None = None
     """Folder of validation shards; defaults to the validation split of train_dir's manifest."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several `rdhpc prep shards` folders blended by weight at train time, instead of train_dir:
+    a list of {name, dir, weight}, all made with one tokenizer and seq_len (checked at start). Each
+    global batch takes rows from each source in proportion, exactly over every window of
+    mixture_window global batches; the order is a function of (shuffle_seed, the weights, step),
+    the same on any rank count and after a resume. A weight may change on resume (logged; the order
+    follows the new weights from that step; the checkpoint records every weight used). Each source
+    is validated on its own val split (`val/<name>/loss_r{d}`); tokens seen per source are logged
+    (`data/<name>/tokens`). When a source runs out, on_exhausted decides: 'stop' ends the run before
+    any source repeats a row, 'new_epoch' reshuffles that source alone. rdhpc.data.mixture has the
+    details."""
+    mixture_window: int = 16
+    """data.sources: the window, in global batches, over which every source gets exactly its share
+    (largest remainder of window x global batch x weight / total weight rows)."""
     shuffle_seed: int = 1234
     """Seed of the global row permutation shared by all ranks."""
     prefetch_batches: int = 4
@@ -80,7 +114,35 @@ class DataConfig:
             return [f"{prefix}.verify_checksums: unknown value {self.verify_checksums!r}; choose one of 'once', "
                     f"'always' (true), 'never' (false)"]
         return (check_choice(self, prefix, "on_exhausted", ON_DATA_EXHAUSTED)
-                + check_bounds(self, prefix, non_negative=("prefetch_batches",)))
+                + check_bounds(self, prefix, non_negative=("prefetch_batches",), positive=("mixture_window",))
+                + self.source_problems(prefix))
+
+    def source_problems(self, prefix="data") -> list[str]:
+        if not self.sources:
+            return []
+        out = []
+        if self.train_dir is not None:
+            out.append(f"{prefix}.sources: not with {prefix}.train_dir (the one-source shorthand): give one or "
+                       f"the other")
+        if self.val_dir is not None:
+            out.append(f"{prefix}.val_dir: not with {prefix}.sources (each source is validated on its own val split)")
+        seen = set()
+        for i, source in enumerate(self.sources):
+            key = f"{prefix}.sources[{i}]"
+            if not SOURCE_NAME.fullmatch(source.name):
+                out.append(f"{key}.name: {source.name!r} must be letters, digits, _ or - (it names TensorBoard tags)")
+            elif source.name in seen:
+                out.append(f"{key}.name: {source.name!r} is given twice")
+            seen.add(source.name)
+            if not source.dir:
+                out.append(f"{key}.dir: required (a folder made by `rdhpc prep shards`)")
+            if not (math.isfinite(source.weight) and source.weight > 0):
+                out.append(f"{key}.weight: must be a finite number > 0, got {source.weight}")
+        return out
+
+    def first_dir(self) -> str | None:
+        """The folder whose manifest names the run's tokenizer (train_dir, or the first source's)."""
+        return self.train_dir or (self.sources[0].dir if self.sources else None)
 
 
 @dataclass
@@ -409,13 +471,18 @@ class RunConfig:
                 absolute = os.path.normpath(base / Path(value).expanduser())
                 if absolute != value:
                     sections.setdefault(section, {})[key] = absolute
+        if self.data.sources:
+            sources = [dataclasses.replace(source, dir=os.path.normpath(base / Path(source.dir).expanduser()))
+                       for source in self.data.sources]
+            if sources != self.data.sources:
+                sections.setdefault("data", {})["sources"] = sources
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)
                                             for section, changes in sections.items()})
 
     def training_problems(self) -> list[str]:
         """What only training needs (`rdhpc config` and `rdhpc plan` take a config without data)."""
-        if self.data.train_dir is None:
-            return ["data.train_dir: required for training (a folder made by `rdhpc prep shards`)"]
+        if self.data.train_dir is None and not self.data.sources:
+            return ["data.train_dir: required for training (a folder made by `rdhpc prep shards`; or data.sources)"]
         return []
 
     def problems(self) -> list[str]:

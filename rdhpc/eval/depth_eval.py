@@ -179,7 +179,7 @@ def run_eval(checkpoint: str, data: str | None, depths: list[int], out: str | No
     model = loaded.model
     if data is None:
         run = loaded.run_config
-        data = run and (run.data.val_dir or run.data.train_dir)
+        data = run and (run.data.val_dir or run.data.first_dir())  # a mixture's: its first source
         if not data:
             raise EvalError(f"{loaded.path}: the checkpoint records no data folder; pass --data SHARDS")
         if not Path(data).is_dir():

@@ -44,11 +44,13 @@ class DepthLossEvaluator:
     `rdhpc eval` on the same rows; no global generator is drawn from, so evaluating never shifts
     the training streams."""
 
-    name = "val"
-
     def __init__(self, dataset, config, micro_batch_size: int, rank: int, world_size: int, device: torch.device,
-                 sum_over_ranks: Callable[[list[float]], list[float]], seed: int):
+                 sum_over_ranks: Callable[[list[float]], list[float]], seed: int, source: str | None = None):
         self.dataset, self.config, self.device = dataset, config, device
+        # one evaluator per source of a mixture (data.sources): users judge a blend by its per-source
+        # losses, `val/<source>/loss_r{d}`; a one-source run keeps `val/loss_r{d}`
+        self.source = source
+        self.name = f"val/{source}" if source else "val"
         self.depths = sorted(set(config.depths))
         self.micro_batch_size = micro_batch_size
         self.sum_over_ranks = sum_over_ranks
@@ -71,5 +73,6 @@ class DepthLossEvaluator:
                                          first_row=self.first_row, real_rows=self.real_rows)
         *sums, tokens = self.sum_over_ranks([totals[d] for d in self.depths] + [float(tokens)])
         losses = {d: s / max(tokens, 1.0) for d, s in zip(self.depths, sums)}
-        return EvalResult({f"val/loss_r{d}": v for d, v in losses.items()},
-                          "validation " + "  ".join(f"r={d}: {v:.4f}" for d, v in losses.items()))
+        return EvalResult({f"{self.name}/loss_r{d}": v for d, v in losses.items()},
+                          "validation " + (f"{self.source}: " if self.source else "")
+                          + "  ".join(f"r={d}: {v:.4f}" for d, v in losses.items()))

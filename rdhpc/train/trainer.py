@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from rdhpc.config import RunConfig, config_to_yaml, save_config
-from rdhpc.data.loader import BatchLoader, ShardDataset, verify_shards
+from rdhpc.data.loader import BatchLoader, verify_shards
+from rdhpc.data.mixture import open_training_data
 from rdhpc.distributed import RankInfo
 from rdhpc.distributed.ranks import local_device_index
 from rdhpc.distributed.collectives import any_rank, gather_lists, is_collective_failure, mean_over_ranks, sum_over_ranks
@@ -144,21 +145,18 @@ class Trainer:
             # touches no RNG stream; its GEMM runs in the training's matrix-product dtype
             self.preflight = run_preflight(self.device, self.ranks, log=self.log, dtype=matmul_dtype)
 
-        self.heartbeat.progress(0, "open shards")
-        self.dataset = ShardDataset(run.data.train_dir, "train", seq_len=run.model.max_seq_len)
-        vocab = self.dataset.manifest.tokenizer.vocab_size
-        if vocab > run.model.padded_vocab_size:
-            raise ConfigError([f"model.vocab_size: the shards' tokenizer has {vocab} tokens, the model "
-                               f"embeds {run.model.padded_vocab_size}"])
-        # validation rows must be tokenized as the training rows are
-        self.val_dataset = ShardDataset(run.data.val_dir or run.data.train_dir, "val", seq_len=run.model.max_seq_len,
-                                        tokenizer_sha256=self.dataset.manifest.tokenizer.sha256)
+        self.heartbeat.progress(0, "open shards")  # manifests only: a shard is opened when first read
+        data = open_training_data(run.data, run.model.max_seq_len, run.model.padded_vocab_size)
+        self.dataset, self.val_datasets = data.train, data.val  # one source, or a mixture of data.sources
+        for note in data.notes:
+            self.log(note)
         self.heartbeat.progress(0, "verify shards")
-        verify_shards({"train": self.dataset, "val": self.val_dataset}, run.data.verify_mode, self.folder.shards_verified,
+        verify_shards(data.verify, run.data.verify_mode, self.folder.shards_verified,
                       self.ranks.rank, self.ranks.world_size, gather_lists, log=self.log)
         self.loader = BatchLoader(self.dataset, run.train.global_batch_size, run.train.micro_batch_size,
                                   self.ranks.rank, self.ranks.world_size, seed=run.data.shuffle_seed,
-                                  on_exhausted=run.data.on_exhausted, prefetch_steps=run.data.prefetch_batches)
+                                  on_exhausted=run.data.on_exhausted, prefetch_steps=run.data.prefetch_batches,
+                                  log=self.log)
 
         torch.manual_seed(run.train.seed)  # the same initial weights on every rank
         model = RecurrentDepthModel(run.model)
@@ -181,9 +179,10 @@ class Trainer:
         self.attention_kernels = lambda: attention_kernels(run.train.sdpa_backend)
         self.sampler = DepthSampler.from_model_config(run.model, seed=run.train.seed)
         self.schedule = LRSchedule(run.schedule, run.optim.lr, run.train.max_steps)
-        self.evaluators = [DepthLossEvaluator(self.val_dataset, run.eval, run.train.micro_batch_size, self.ranks.rank,
+        self.evaluators = [DepthLossEvaluator(val, run.eval, run.train.micro_batch_size, self.ranks.rank,
                                               self.ranks.world_size, self.device,
-                                              lambda values: sum_over_ranks(values, self.device), seed=run.train.seed)]
+                                              lambda values: sum_over_ranks(values, self.device), seed=run.train.seed,
+                                              source=source) for source, val in self.val_datasets.items()]
         # the step draws its noise from per-row generators (row_noise_seeds); the global stream is
         # seeded per rank for anything else that might draw from it
         torch.manual_seed(run.train.seed + 1000 * self.ranks.rank)
@@ -387,7 +386,8 @@ class Trainer:
         self.log(f"[train] step {self.step:6d}  loss {loss:.4f}  r={depth:3d}  lr {lr:.2e}  "
                  f"{tokens_per_s:,.0f} tok/s  {tflops:.3f} TFLOP/s/device  MFU {100 * mfu:.2f}%")
         scalars = {"train/loss": loss, "train/lr": lr, "train/recurrence": depth, "train/tokens_per_s": tokens_per_s,
-                   "train/tflops_per_gpu": tflops, "train/mfu": mfu, "train/mem_gib": mem, **self.state_diagnostics}
+                   "train/tflops_per_gpu": tflops, "train/mfu": mfu, "train/mem_gib": mem, **self.state_diagnostics,
+                   **self.loader.source_scalars(self.step)}
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
         self.sink.scalars(self.step, scalars)
