@@ -258,6 +258,7 @@ class PieceFile:
             raise PrepError(f"{path}: not a complete tokenized piece of this run (truncated? delete the .work folder "
                             "and run again)")
         bounds = np.cumsum([_PIECE_HEADER] + sizes).tolist()
+        self.token_start = {"train": bounds[4], "val": bounds[5]}  # byte offset of each split's tokens
         view = [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         self._splits = {"train": (view[0].view(np.uint64), view[1].view(np.int64), view[4].view(dtype)),
                         "val": (view[2].view(np.uint64), view[3].view(np.int64), view[5].view(dtype))}
@@ -416,21 +417,32 @@ def pack_shards(task: tuple[str, int, int, int, int, frozenset]) -> dict:
     bounds = shard_bounds(num_shards)
     finished = _finished_shards(Path(settings.out))
     todo = [g for g in range(first, last) if shard_name(split, g) not in finished]
-    keys, lengths, tokens, pieces = [], [], [], []
+    # First where each piece's range lies (its keys and offsets: a binary search and a few pages of
+    # a mapping closed at once), then every range read once into one array of the task's size: the
+    # task's memory is that array, never twice it, and no more than one piece is open at a time.
+    ranges, keys, lengths, pieces = [], [], [], []
     for index in range(num_pieces):
-        piece_keys, offsets, piece_tokens = PieceFile(_piece_path(work, index), dtype).split(split)
+        piece = PieceFile(_piece_path(work, index), dtype)
+        piece_keys, offsets, _ = piece.split(split)
         a, b = _key_index(piece_keys, bounds[first]), _key_index(piece_keys, bounds[last])
         if a == b:
             continue
         keys.append(np.array(piece_keys[a:b]))
         range_offsets = np.array(offsets[a:b + 1])
         lengths.append(np.diff(range_offsets))
-        tokens.append(np.array(piece_tokens[range_offsets[0]:range_offsets[-1]]))  # one contiguous read
         pieces.append(np.full(b - a, index, dtype=np.int64))
+        itemsize = np.dtype(dtype).itemsize
+        ranges.append((piece.path, piece.token_start[split] + int(range_offsets[0]) * itemsize,
+                       int(range_offsets[-1] - range_offsets[0])))
+        del piece, piece_keys, offsets
     keys = np.concatenate(keys) if keys else np.empty(0, dtype=np.uint64)
     lengths = np.concatenate(lengths) if lengths else np.empty(0, dtype=np.int64)
-    tokens = np.concatenate(tokens) if tokens else np.empty(0, dtype=dtype)
     pieces = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
+    tokens = np.empty(int(lengths.sum()), dtype=dtype)
+    filled = 0
+    for path, byte_offset, count in ranges:
+        _read_exactly(path, byte_offset, tokens[filled:filled + count])  # one contiguous read per piece
+        filled += count
     starts = np.cumsum(lengths) - lengths
     # pieces in index order, each sorted: a stable sort breaks ties of equal keys by piece, then by
     # the copy's place in its piece, as a per-shard gather in piece order would
@@ -474,6 +486,19 @@ def _finished_shards(out: Path) -> dict[str, dict]:
             except FileNotFoundError:
                 pass
     return finished
+
+
+def _read_exactly(path: Path, offset: int, into: np.ndarray) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view, done = memoryview(into).cast("B"), 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise PrepError(f"{path}: ends before its header says (truncated? delete the .work folder and run again)")
+            done += got
+    finally:
+        os.close(fd)
 
 
 def _write_shard_published(settings: ShardSettings, name: str, rows, dtype: str, tokenizer_sha256: str,

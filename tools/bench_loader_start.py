@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, nargs="+", default=[10, 10_000])
     parser.add_argument("--world", type=int, default=64, help="ranks of the simulated job (this is rank 0)")
-    parser.add_argument("--before", default="aa06232", help="git revision of the loader that opened every shard")
+    parser.add_argument("--before", default="e1ca821~1", help="git revision of the loader that opened every shard")
     parser.add_argument("--root", default=None, help="where the shard folders are kept (default: a temporary one)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (the median is reported)")
     parser.add_argument("--json", default=None, help="write the figures here too")

@@ -2,7 +2,7 @@
 
     python tools/bench_pack.py grid --work /tmp/bench-pack                     # ~3 minutes on 2 cores
     python tools/bench_pack.py grid --work /tmp/bench-pack --before /tmp/old   # also an older checkout
-    python tools/bench_pack.py scale --work /tmp/bench-pack --mb 300 --times 10  # memory, 0.3 vs 3 GB
+    python tools/bench_pack.py scale --work /tmp/bench-pack --mb 300 --times 3 10 20  # memory, 0.3 to 6 GB
 
 grid: one corpus of real text (--mb, default 16 MB of the Python sources on the machine, as
 bench_prep.py), `rdhpc prep shards` end to end with --workers 2 at seq_len 63 for each point of a
@@ -124,13 +124,16 @@ def scale(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     corpus, tokenizer, size = corpus_and_tokenizer(work, args.mb)
-    big = work / f"corpus-{args.mb:g}mb-x{args.times}"
-    if not big.exists():
-        big.mkdir()
-        for copy in range(args.times):
-            for path in sorted(corpus.glob("*.jsonl")):
-                shutil.copyfile(path, big / f"copy{copy:02d}-{path.name}")
-    for name, folder in (("1x", corpus), (f"{args.times}x", big)):
+    folders = [("1x", corpus)]
+    for times in args.times:
+        big = work / f"corpus-{args.mb:g}mb-x{times}"
+        if not big.exists():
+            big.mkdir()
+            for copy in range(times):
+                for path in sorted(corpus.glob("*.jsonl")):
+                    shutil.copyfile(path, big / f"copy{copy:02d}-{path.name}")
+        folders.append((f"{times}x", big))
+    for name, folder in folders:
         mb = sum(p.stat().st_size for p in folder.glob("*.jsonl")) / 1e6
         result = run_prep(prep_command(REPO_ROOT, folder, tokenizer, work / f"scale-{name}", 64 << 20, 8192),
                           work / f"scale-{name}")
@@ -150,7 +153,7 @@ def main() -> int:
     s = sub.add_parser("scale")
     s.add_argument("--work", default="/tmp/rdhpc-bench-pack")
     s.add_argument("--mb", type=float, default=300)
-    s.add_argument("--times", type=int, default=10)
+    s.add_argument("--times", type=int, nargs="+", default=[3, 10])
     args = parser.parse_args()
     {"grid": grid, "scale": scale}[args.what](args)
     return 0

@@ -98,12 +98,14 @@ class DataConfig:
     on_exhausted: str = "stop"
     """What happens when the data runs out: 'stop' ends the run cleanly, 'new_epoch' reshuffles."""
     verify_checksums: bool | str = "once"
-    """Read every shard once before step 1, spread over the ranks, checking its sha256 against the
-    manifest and its token ids against the vocabulary: 'once' (the first start of a run folder;
+    """Read every shard once before step 1, spread over the ranks, checking its header, its sha256
+    against the manifest and its token ids against the vocabulary: 'once' (the first start of a run folder;
     the run folder records what was verified, a requeued segment skips it), 'always' (every
     start; also `true`) or 'never' (`false`). About 1 GB/s per rank here: 1.6 TB of shards over
     4096 ranks is well under a second of hashing each. The cheap checks (version, dtype, seq_len,
-    tokenizer hash, row count) always run, and every batch's token ids are checked anyway."""
+    tokenizer hash, row count) also run whenever a rank opens a shard, which it does when it first
+    reads one of its rows (start-up reads the manifest only), and every batch's token ids are checked
+    anyway."""
 
     @property
     def verify_mode(self) -> str:
