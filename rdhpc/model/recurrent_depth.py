@@ -36,6 +36,9 @@ class ModelOutput:
     previous_state: torch.Tensor | None = None  # s_{r-1}, for the convergence diagnostic |s_r - s_{r-1}| / |s_r|
     depth_losses: dict[int, torch.Tensor] | None = None  # readout_depths: {r: summed token loss at depth r}
     num_label_tokens: torch.Tensor | None = None  # readout_depths: labels counted in each summed loss
+    # readout_depths with readout_logits: {r: (N, V) float32 logits at the N labelled positions, in
+    # row-major order}: what task scoring reads (log-likelihoods, argmax, KL between depths)
+    depth_logits: dict[int, torch.Tensor] | None = None
 
 
 def _trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
@@ -212,11 +215,12 @@ class RecurrentDepthModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, num_steps=None, labels: torch.Tensor | None = None,
                 init_scale: float = 1.0, input_states: torch.Tensor | None = None,
                 return_logits: bool = True, readout_depths: list[int] | None = None,
-                state_seeds=None) -> ModelOutput:
+                state_seeds=None, readout_logits: bool = False) -> ModelOutput:
         """`readout_depths` (evaluation, needs labels, runs without gradient): the loss at each of
         these depths from ONE trajectory: the core runs to the deepest, the coda and head read the
-        state out at each requested depth; `num_steps` is then ignored. `state_seeds`: per-row
-        seeds of the initial-state noise (see `initial_state`)."""
+        state out at each requested depth; `num_steps` is then ignored; `readout_logits` adds the
+        logits at the labelled positions. `state_seeds`: per-row seeds of the initial-state noise
+        (see `initial_state`)."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len = {self.config.max_seq_len}")
@@ -224,7 +228,7 @@ class RecurrentDepthModel(nn.Module):
         embedded = self.embed(input_ids, rope)
         state = input_states if input_states is not None else self.initial_state(embedded, init_scale, state_seeds)
         if readout_depths:
-            return self._losses_by_depth(state, embedded, rope, labels, readout_depths)
+            return self._losses_by_depth(state, embedded, rope, labels, readout_depths, readout_logits)
         steps = self.resolve_num_steps(num_steps)
         state, previous = self.iterate(state, embedded, rope, steps)
         hidden = self.decode(state, rope)  # (B, T, C)
@@ -239,7 +243,7 @@ class RecurrentDepthModel(nn.Module):
         return ModelOutput(logits if return_logits else None, loss, state, steps, previous)
 
     @torch.no_grad()
-    def _losses_by_depth(self, state, embedded, rope, labels, depths) -> ModelOutput:
+    def _losses_by_depth(self, state, embedded, rope, labels, depths, with_logits: bool = False) -> ModelOutput:
         if labels is None:
             raise ValueError("readout_depths needs labels")
         wanted = set(int(d) for d in depths)
@@ -247,7 +251,8 @@ class RecurrentDepthModel(nn.Module):
         if min(wanted) < 1:
             raise ValueError(f"readout depths must be >= 1, got {depths}")
         injected = self.injection(embedded)
-        losses, previous = {}, state
+        losses, previous, label_logits = {}, state, {}
+        labelled = labels != IGNORE_INDEX
         for depth in range(1, deepest + 1):
             previous, state = state, self.core_iteration(state, embedded, rope, None, injected)
             if depth not in wanted:
@@ -255,9 +260,11 @@ class RecurrentDepthModel(nn.Module):
             logits = F.linear(self.decode(state, rope), self.head_weight)
             losses[depth] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                                             reduction="sum")
-        count = (labels != IGNORE_INDEX).sum()
+            if with_logits:
+                label_logits[depth] = logits[labelled].float()
+        count = labelled.sum()
         return ModelOutput(None, losses[deepest] / count.clamp_min(1), state, (deepest, 0), previous,
-                           depth_losses=losses, num_label_tokens=count)
+                           depth_losses=losses, num_label_tokens=count, depth_logits=label_logits or None)
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

@@ -1,0 +1,131 @@
+"""Task accuracy against depth (rdhpc/eval/tasks.py): teacher-forced exact match agrees with greedy
+decoding, multiple choice with the model's own log-likelihoods, any split of the examples over
+ranks gives the same sums, early exit at threshold 0 is the deepest depth, and bad task files are
+named line by line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import trained_runs
+from rdhpc.data.tokenizer import TextTokenizer
+from rdhpc.eval.tasks import (GENERATE, Task, TaskError, TaskExample, TaskScorer, load_task, score_examples)
+from rdhpc.generate import GenerationConfig, Generator
+from rdhpc.model import RecurrentDepthModel, model_config_from_size
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return RecurrentDepthModel(model_config_from_size("debug")).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TextTokenizer(trained_runs.shards().parent / "tok.json")
+
+
+PROMPTS = ["def main(", "import os\nimport", "class Foo:\n    ", "x = [1, 2, 3]\nprint(", "return self."]
+
+
+def forward_of(model):
+    def forward(*args, **kwargs):
+        return model(*args, **kwargs)
+    return forward
+
+
+def score(model, scorer, examples, depths, thresholds=(), init_scale=0.0, real=None, seed=0):
+    return score_examples(forward_of(model), scorer, list(examples), len(examples) if real is None else real, depths,
+                          list(thresholds), pad_id=0, seed=seed, device="cpu", batch_examples=2, init_scale=init_scale)
+
+
+def test_exact_match_by_teacher_forcing_is_greedy_decoding(model, tokenizer, monkeypatch):
+    """A target whose tokens are the greedy continuation at depth d (zero initial state, as
+    rdhpc.generate's cached decoding equals the full forward) scores 1 at d; one token changed, 0."""
+    depth, length = 3, 3
+    task = Task("greedy", "none.jsonl", GENERATE, [TaskExample(p, target="x") for p in PROMPTS])
+    scorer = TaskScorer(task, tokenizer, max_seq_len=model.config.max_seq_len, max_new_tokens=8)
+    generator = Generator(model, GenerationConfig(num_steps=depth, max_new_tokens=length + 1, init_scale=0.0))
+    wrong = TaskScorer(task, tokenizer, max_seq_len=model.config.max_seq_len, max_new_tokens=8)
+    for e, candidates in enumerate(scorer.rows):
+        ids, start = candidates[0]
+        prompt = ids[:start]
+        out = generator.generate(torch.from_numpy(prompt)[None]).tokens[0].tolist()
+        scorer.rows[e] = [(np.concatenate([prompt, out[:length]]), start)]
+        changed = out[:length - 1] + [(out[length - 1] + 1) % tokenizer.vocab_size]
+        wrong.rows[e] = [(np.concatenate([prompt, changed]), start)]
+        # the stop after the target: here the token greedy decoding gives next
+        monkeypatch.setattr(scorer, "is_stop", lambda token, stops={}: True)
+    monkeypatch.setattr(wrong, "is_stop", lambda token: True)
+    monkeypatch.setattr(scorer, "too_long", lambda e: False)
+    monkeypatch.setattr(wrong, "too_long", lambda e: False)
+    right = score(model, scorer, range(len(PROMPTS)), [depth])
+    assert right.accuracy() == {depth: 1.0}
+    assert score(model, wrong, range(len(PROMPTS)), [depth]).accuracy() == {depth: 0.0}
+
+
+def test_multiple_choice_picks_the_most_likely_choice(model, tokenizer):
+    depth = 2
+    choices = (" a", " b = 1", "(self)")
+    task = Task("mc", "none.jsonl", "multiple_choice",
+                [TaskExample(p, choices=choices, answer=i % 3) for i, p in enumerate(PROMPTS)])
+    scorer = TaskScorer(task, tokenizer, max_seq_len=model.config.max_seq_len)
+    expected = 0
+    for e, example in enumerate(task.examples):
+        scores = []
+        for ids, start in scorer.rows[e]:
+            with torch.no_grad():
+                logits = model(torch.from_numpy(ids)[None], num_steps=depth, init_scale=0.0).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            scores.append(float(logp[torch.arange(start - 1, len(ids) - 1), torch.from_numpy(ids[start:])].sum()))
+        expected += int(np.argmax(scores)) == example.answer
+    assert score(model, scorer, range(len(PROMPTS)), [depth]).accuracy()[depth] == pytest.approx(expected / len(PROMPTS))
+
+
+def test_any_split_over_ranks_gives_the_same_sums_and_exit_at_zero_is_the_deepest(model, tokenizer):
+    task = Task("mc", "none.jsonl", "multiple_choice",
+                [TaskExample(p, choices=(" a", " b = 1", "(self)"), answer=i % 3) for i, p in enumerate(PROMPTS * 2)])
+    scorer = TaskScorer(task, tokenizer, max_seq_len=model.config.max_seq_len)
+    depths, n = [1, 2, 4], len(task.examples)
+    whole = score(model, scorer, range(n), depths, thresholds=[0.0, 1e9], init_scale=1.0)
+    # two "ranks": the first 6 and the last 4 examples, the second padded with fillers to 6
+    first = score(model, scorer, range(0, 6), depths, thresholds=[0.0, 1e9], init_scale=1.0)
+    second = score(model, scorer, list(range(6, n)) + [0, 0], depths, thresholds=[0.0, 1e9], init_scale=1.0,
+                   real=4)
+    assert second.examples == 4
+    summed = whole.from_list([a + b for a, b in zip(first.to_list(), second.to_list())])
+    # each example's noise is keyed by its index in the task: the split changes nothing
+    assert summed.examples == whole.examples == n
+    assert summed.correct == whole.correct and summed.exit_correct == whole.exit_correct
+    assert summed.exit_depth_sum == whole.exit_depth_sum
+    assert whole.exit_mean_depth()[0.0] == 4.0 and whole.exit_accuracy()[0.0] == whole.accuracy()[4]
+    assert whole.exit_mean_depth()[1e9] == 2.0
+    assert 0 < sum(whole.correct.values()) < len(depths) * n  # not a trivial comparison
+
+
+def test_bad_task_files_are_named_line_by_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([json.dumps({"prompt": "a", "target": "b"}), "{not json",
+                               json.dumps({"prompt": "a", "choices": ["x"], "answer": 0}),
+                               json.dumps({"prompt": "a", "choices": ["x", "y"], "answer": 5}),
+                               json.dumps({"target": "b"}), json.dumps([1])]) + "\n")
+    with pytest.raises(TaskError) as raised:
+        load_task(path)
+    message = str(raised.value)
+    for line, what in ((2, "not JSON"), (3, "at least 2"), (4, "0 to 1, got 5"), (5, "'prompt'"), (6, "JSON object")):
+        assert f"{path}:{line}: " in message and what in message, message
+    with pytest.raises(TaskError, match="task file not found"):
+        load_task(tmp_path / "none.jsonl")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": "a", "target": "b"}) + "\n"
+                     + json.dumps({"prompt": "a", "choices": ["x", "y"], "answer": 1}) + "\n")
+    with pytest.raises(TaskError, match="one kind per file"):
+        load_task(mixed)
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"q{i}", "target": " 7"}) + "\n" for i in range(5)))
+    task = load_task(good, max_examples=3)
+    assert task.name == "good" and task.kind == GENERATE and len(task.examples) == 3
