@@ -28,8 +28,16 @@ def _number(text: str) -> float:
 def cmd_eval(args) -> int:
     from rdhpc.eval.depth_eval import parse_depths, run_eval
 
+    if args.tasks:
+        from rdhpc.eval.tasks import run_task_eval
+
+        run_task_eval(args.checkpoint, args.tasks, parse_depths(args.steps), args.exit_threshold or [], out=args.out,
+                      examples=args.examples, max_new_tokens=args.max_new_tokens, batch_examples=args.batch_size,
+                      tokenizer=args.tokenizer, seed=args.seed, device=args.device)
+        return 0
+
     run_eval(args.checkpoint, args.data, parse_depths(args.steps), out=args.out, split=args.split,
-             max_rows=args.max_rows, batch_size=args.batch_size, init_scale=args.init_scale, seed=args.seed,
+             max_rows=args.max_rows, batch_size=args.batch_size, init_scale=args.init_scale, seed=args.seed or 0,
              device=args.device)
     return 0
 
@@ -83,9 +91,18 @@ def add_tool_parsers(sub) -> None:
     p.add_argument("--max-rows", type=int, default=256, help="evaluate the first N rows of the split")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--init-scale", type=float, default=1.0, help="initial-state scale (0: the zero state)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial-state noise")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the initial-state noise (default: 0; with --tasks, the run's train.seed)")
     p.add_argument("--out", default=None, help="output folder (default RUN/eval/TAG or NAME-eval beside the file)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tasks", nargs="+", metavar="[NAME=]FILE",
+                   help="task accuracy against depth instead of the loss: task files of JSON lines (generation "
+                        "{prompt, target} or multiple choice {prompt, choices, answer}; `rdhpc prep synthetic`)")
+    p.add_argument("--exit-threshold", type=float, action="append", metavar="T",
+                   help="with --tasks: also early exit at this KL threshold (repeatable; the paper's 5e-4)")
+    p.add_argument("--examples", type=int, default=256, help="with --tasks: the first N examples of each task")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="with --tasks: a longer target counts as wrong")
+    p.add_argument("--tokenizer", default=None, help="with --tasks: default the checkpoint's")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generation with a KV cache, per-token early exit, shared cache, warm start")

@@ -129,3 +129,64 @@ def test_bad_task_files_are_named_line_by_line(tmp_path):
     good.write_text("".join(json.dumps({"prompt": f"q{i}", "target": " 7"}) + "\n" for i in range(5)))
     task = load_task(good, max_examples=3)
     assert task.name == "good" and task.kind == GENERATE and len(task.examples) == 3
+
+
+def write_tasks(folder) -> dict[str, str]:
+    """A generation task and a multiple-choice one, from lines of the standard library's sources."""
+    import sysconfig
+    from pathlib import Path
+
+    lines = [line.strip() for line in (Path(sysconfig.get_paths()["stdlib"]) / "os.py").read_text().splitlines()
+             if 12 < len(line.strip()) < 60][:40]
+    gen = folder / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"prompt": line[:-4], "target": line[-4:]}) + "\n" for line in lines[:20]))
+    mc = folder / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"prompt": line[:-6], "choices": [line[-6:], " = None", "():"], "answer": 0})
+                          + "\n" for line in lines[20:]))
+    return {"gen": str(gen), "mc": str(mc)}
+
+
+def test_in_loop_task_accuracy_equals_the_eval_command_and_reaches_tensorboard(tmp_path):
+    """2 ranks in the loop, one process offline: the same accuracies at every depth and under early
+    exit (keyed noise, the run's seed); TensorBoard has the scalars and the image; a bad task file
+    stops `rdhpc eval` with exit 2 naming the line."""
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = write_tasks(tmp_path)
+    tasks = "[" + ", ".join(f"{{name: {name}, file: {path}}}" for name, path in files.items()) + "]"
+    run = trained_runs.trained_run(4, 1, "fp32", 2, "eval.interval=2", f"eval.tasks={tasks}",
+                                   "eval.task_depths=[1,2,4]", "eval.task_exit_thresholds=[0.01]",
+                                   "eval.task_examples=12", "eval.task_batch_examples=5")
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/mc/acc_r4")] == [2, 4]
+    assert [e.step for e in events.Images("eval/tasks")] == [2, 4]
+    in_loop = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("eval/")
+               and "/task_seconds" not in tag}
+    assert len(in_loop) == 2 * 5  # 3 depths, early-exit accuracy and depth, per task
+    assert 1.0 <= in_loop["eval/gen/depth_exit0.01"] <= 4.0
+    log = (run / "train.log").read_text()
+    assert "task gen (12 examples) r=1:" in log and "task mc (12 examples)" in log
+
+    out = tmp_path / "offline"
+    done = subprocess.run([sys.executable, "-m", "rdhpc.cli", "eval", str(run / "checkpoints"), "--tasks",
+                           *(f"{n}={p}" for n, p in files.items()), "--steps", "1,2,4", "--exit-threshold", "0.01",
+                           "--examples", "12", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    offline = {}
+    for task in json.loads((out / "tasks.json").read_text())["tasks"]:
+        offline |= {f"eval/{task['task']}/acc_r{d}": v for d, v in task["accuracy"].items()}
+        offline |= {f"eval/{task['task']}/acc_exit{t}": v for t, v in task["exit_accuracy"].items()}
+        offline |= {f"eval/{task['task']}/depth_exit{t}": v for t, v in task["exit_mean_depth"].items()}
+    assert offline == pytest.approx(in_loop, abs=1e-6)
+    assert (out / "accuracy_vs_depth.png").stat().st_size > 1000 and "r=1" in done.stdout
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "choices": ["a", "b"], "answer": 2}) + "\n")
+    refused = subprocess.run([sys.executable, "-m", "rdhpc.cli", "eval", str(run / "checkpoints"), "--tasks", str(bad)],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and f"{bad}:1: 'answer' must be the index" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -275,6 +275,24 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    """One task evaluated in the loop (eval.tasks): a file of examples, rdhpc.eval.tasks."""
+
+    file: str = ""
+    """JSON lines: {"prompt", "target"} (generation: greedy exact match, stopping at a newline) or
+    {"prompt", "choices", "answer"} (multiple choice: the most likely choice); `rdhpc prep synthetic`
+    writes such files."""
+    name: str | None = None
+    """Letters, digits, _, - and .: the TensorBoard tags `eval/<name>/acc_r{r}` (default: the file's stem)."""
+    max_examples: int | None = None
+    """The first N examples (default eval.task_examples)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.file).stem
+
+
+@dataclass
 class EvalConfig:
     """Evaluation inside the training loop (rdhpc.eval.in_loop): every `interval` optimizer steps and
     at the end of the run, on every rank's share of the validation rows, results reduced over ranks."""
@@ -288,9 +306,43 @@ class EvalConfig:
     """Validation rows per evaluation over all ranks (the first `rows` of the split, cut into one
     contiguous slice per rank): the same rows, with the same noise, whatever the rank count. The
     paper's run evaluated one row per rank (4096)."""
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """Task accuracy against depth every `interval` steps (`eval/<task>/acc_r{r}`, and an image of
+    accuracy against depth and against the training step): does thinking longer give better answers?"""
+    task_depths: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    """Depths of the task accuracy; one trajectory to the deepest serves them all."""
+    task_exit_thresholds: list[float] = field(default_factory=list)
+    """Early exit (KL between successive depths below the threshold; the paper's 5e-4) up to the
+    deepest task depth: its accuracy (`acc_exit{t}`) and the mean depth its answers used (`depth_exit{t}`)."""
+    task_examples: int = 256
+    """Examples per task (over all ranks): bounds the evaluation's cost, which the log reports and
+    the throughput figures leave out."""
+    task_max_new_tokens: int = 16
+    """A generation target longer than this many tokens counts as wrong, as decoding would stop."""
+    task_batch_examples: int = 8
+    """Examples per forward (with every multiple-choice candidate)."""
+    tokenizer: str | None = None
+    """The tokenizer that encodes the tasks (default: the one the training shards' manifest names)."""
 
     def problems(self, prefix="eval"):
-        out = check_bounds(self, prefix, positive=("interval", "rows"))
+        out = check_bounds(self, prefix, positive=("interval", "rows", "task_examples", "task_max_new_tokens",
+                                                    "task_batch_examples"))
+        names = [t.label for t in self.tasks]
+        for i, task in enumerate(self.tasks):
+            where = f"{prefix}.tasks[{i}]"
+            if not task.file:
+                out.append(f"{where}.file: required (a task file of JSON lines)")
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", task.label or ""):
+                out.append(f"{where}.name: {task.label!r} must be letters, digits, _, - or . (a TensorBoard tag)")
+            elif names.count(task.label) > 1:
+                out.append(f"{where}.name: {task.label!r} is used by another task")
+            if task.max_examples is not None and task.max_examples < 1:
+                out.append(f"{where}.max_examples: must be >= 1, got {task.max_examples}")
+        if self.tasks and (not self.task_depths or min(self.task_depths) < 1):
+            out.append(f"{prefix}.task_depths: give depths >= 1, got {self.task_depths}")
+        bad = [t for t in self.task_exit_thresholds if not (math.isfinite(t) and t >= 0)]
+        if bad:
+            out.append(f"{prefix}.task_exit_thresholds: thresholds must be finite and >= 0, got {bad}")
         if not self.depths:
             out.append(f"{prefix}.depths: give at least one depth")
         bad_depths = [d for d in self.depths if d < 1]
@@ -478,6 +530,11 @@ class RunConfig:
                        for source in self.data.sources]
             if sources != self.data.sources:
                 sections.setdefault("data", {})["sources"] = sources
+        if self.eval.tasks:  # the name stays the file's stem it was given
+            tasks = [dataclasses.replace(task, file=os.path.normpath(base / Path(task.file).expanduser()),
+                                         name=task.label) for task in self.eval.tasks]
+            if tasks != self.eval.tasks:
+                sections.setdefault("eval", {})["tasks"] = tasks
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)
                                             for section, changes in sections.items()})
 
@@ -533,6 +590,7 @@ PATH_KEYS = (
     ("checkpoint", "dir", _always),
     ("checkpoint", "resume", lambda value: value not in ("auto", "never")),
     ("checkpoint", "init_from", _always),
+    ("eval", "tokenizer", _always),
     ("logging", "run_dir", _always),
     ("slurm", "cluster", lambda value: "/" in value or value.endswith((".yaml", ".yml"))),
     ("slurm", "python", lambda value: "/" in value),

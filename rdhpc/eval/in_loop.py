@@ -13,7 +13,8 @@ with the same code, on every rank's share of the examples, reduced over the rank
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
@@ -26,6 +27,8 @@ from rdhpc.eval.depth_eval import evaluate_depths
 class EvalResult:
     scalars: dict[str, float]  # TensorBoard tag -> value
     summary: str  # one log line
+    # TensorBoard tag -> a function drawing the image (H, W, 3 uint8): called on the main rank only
+    images: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)
 
 
 class Evaluator(Protocol):
@@ -76,3 +79,59 @@ class DepthLossEvaluator:
         return EvalResult({f"{self.name}/loss_r{d}": v for d, v in losses.items()},
                           "validation " + (f"{self.source}: " if self.source else "")
                           + "  ".join(f"r={d}: {v:.4f}" for d, v in losses.items()))
+
+
+class TaskEvaluator:
+    """Task accuracy at fixed depths and under early exit (`eval.tasks`, rdhpc.eval.tasks): each rank
+    scores its contiguous share of every task's examples, the counts are summed over the ranks;
+    every example's noise is keyed by its index, so the numbers are those of `rdhpc eval --tasks`
+    on one process. Draws `eval/tasks`, accuracy against depth and, over the evaluations so far,
+    against the training step."""
+
+    name = "tasks"
+
+    def __init__(self, config, tokenizer, max_seq_len: int, pad_id: int, rank: int, world_size: int,
+                 device: torch.device, sum_over_ranks: Callable[[list[float]], list[float]], seed: int):
+        from rdhpc.eval.tasks import TaskScorer, load_task
+
+        self.config, self.pad_id, self.device, self.seed = config, pad_id, device, seed
+        self.rank, self.world_size, self.sum_over_ranks = rank, world_size, sum_over_ranks
+        self.scorers = [TaskScorer(load_task(t.file, t.label, t.max_examples or config.task_examples), tokenizer,
+                                   max_seq_len, config.task_max_new_tokens) for t in config.tasks]
+        self.history: list[tuple[int, list]] = []  # (step, [TaskAccuracy]) of every evaluation
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or step % self.config.interval == 0
+
+    @torch.no_grad()
+    def evaluate(self, forward: Callable, step: int) -> EvalResult:
+        from rdhpc.eval.tasks import TaskAccuracy, rank_share, score_examples, task_figure
+
+        started = time.perf_counter()
+        results = []
+        for scorer in self.scorers:
+            examples, real = rank_share(len(scorer.task.examples), self.rank, self.world_size)
+            sums = score_examples(forward, scorer, examples, real, self.config.task_depths,
+                                  self.config.task_exit_thresholds, self.pad_id, self.seed, self.device,
+                                  self.config.task_batch_examples)
+            results.append(TaskAccuracy.of(scorer.task, sums.from_list(self.sum_over_ranks(sums.to_list()))))
+        seconds = time.perf_counter() - started
+        self.history.append((step, results))
+        history = list(self.history)
+        scalars = {k: v for r in results for k, v in r.scalars().items()} | {"eval/task_seconds": seconds}
+        return EvalResult(scalars, "; ".join(r.summary() for r in results) + f" ({seconds:.1f} s)",
+                          {"eval/tasks": lambda: task_figure(history)})
+
+
+def build_evaluators(run, val_datasets: dict, pad_id: int, rank: int, world_size: int, device: torch.device,
+                     sum_over_ranks: Callable[[list[float]], list[float]]) -> list:
+    """The trainer's evaluators: validation loss per source, and the tasks of `eval.tasks`."""
+    evaluators = [DepthLossEvaluator(val, run.eval, run.train.micro_batch_size, rank, world_size, device,
+                                     sum_over_ranks, seed=run.train.seed, source=source)
+                  for source, val in val_datasets.items()]
+    if run.eval.tasks:
+        from rdhpc.eval.tasks import task_tokenizer
+
+        evaluators.append(TaskEvaluator(run.eval, task_tokenizer(run), run.model.max_seq_len, pad_id, rank,
+                                        world_size, device, sum_over_ranks, seed=run.train.seed))
+    return evaluators

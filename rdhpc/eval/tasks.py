@@ -312,3 +312,161 @@ class TaskAccuracy:
                 "accuracy": {str(d): v for d, v in self.accuracy.items()},
                 "exit_accuracy": {f"{t:g}": v for t, v in self.exit_accuracy.items()},
                 "exit_mean_depth": {f"{t:g}": v for t, v in self.exit_mean_depth.items()}}
+
+
+# ---- sharing, tokenizer, pictures ---------------------------------------------------------------
+
+def rank_share(num_examples: int, rank: int, world_size: int) -> tuple[list[int], int]:
+    """This rank's contiguous share of the examples, padded with fillers (example 0, counted
+    nothing) to the share of rank 0, so every rank runs as many forwards (ZeRO 3 gathers in each);
+    and how many of them count."""
+    per_rank = -(-num_examples // world_size)
+    first = min(rank * per_rank, num_examples)
+    real = min(per_rank, num_examples - first)
+    return list(range(first, first + real)) + [0] * (per_rank - real), real
+
+
+def task_tokenizer(run):
+    """The tokenizer that encodes the tasks: eval.tokenizer, or the one the training data's
+    manifest names (the run's own)."""
+    from rdhpc.data.format import read_manifest
+    from rdhpc.data.tokenizer import TextTokenizer
+
+    if run.eval.tokenizer:
+        if not Path(run.eval.tokenizer).is_file():
+            raise TaskError(f"eval.tokenizer: {run.eval.tokenizer} not found")
+        return TextTokenizer(run.eval.tokenizer)
+    data = run.data.train_dir or run.data.sources[0].dir
+    path = read_manifest(data).tokenizer.path
+    if not Path(path).is_file():
+        raise TaskError(f"eval.tasks: the tokenizer that {data}/manifest.json names, {path}, is not found; set "
+                        f"eval.tokenizer")
+    return TextTokenizer(path)
+
+
+def task_figure(history: list[tuple[int, list["TaskAccuracy"]]]) -> np.ndarray:
+    """Accuracy against depth at the last evaluation (a line per task, early exit as points at the
+    mean depth it used), and per task a heatmap of accuracy over (training step, depth): the
+    image TensorBoard shows as `eval/tasks`. (H, W, 3) uint8."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step, last = history[-1]
+    fig, axes = plt.subplots(1, 1 + len(last), figsize=(4.2 * (1 + len(last)), 3.4), dpi=90, squeeze=False)
+    ax = axes[0][0]
+    for result in last:
+        depths = sorted(result.accuracy)
+        line, = ax.plot(depths, [result.accuracy[d] for d in depths], marker="o", label=result.task)
+        for t, acc in result.exit_accuracy.items():
+            ax.scatter([result.exit_mean_depth[t]], [acc], marker="*", s=90, color=line.get_color(),
+                       label=f"{result.task}, early exit {t:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("recurrence depth r")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"step {step}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    for ax, index in zip(axes[0][1:], range(len(last))):
+        depths = sorted(last[index].accuracy)
+        grid = np.array([[results[index].accuracy.get(d, np.nan) for d in depths] for _, results in history])
+        image = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(depths)), [str(d) for d in depths])
+        ax.set_yticks(range(len(history)), [str(s) for s, _ in history])
+        if len(history) > 12:
+            ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(8, integer=True))
+        ax.set_xlabel("recurrence depth r")
+        ax.set_ylabel("training step")
+        ax.set_title(f"{last[index].task}: accuracy")
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return pixels
+
+
+# ---- offline: `rdhpc eval CHECKPOINT --tasks ...` -----------------------------------------------
+
+def parse_task_args(values: list[str]) -> list[tuple[str, str]]:
+    """[NAME=]FILE -> (name, file); the name defaults to the file's stem."""
+    out = []
+    for value in values:
+        name, sep, file = value.partition("=")
+        if not sep:
+            name, file = Path(value).stem, value
+        out.append((name, file))
+    return out
+
+
+def run_task_eval(checkpoint: str, tasks: list[str], depths: list[int], thresholds: list[float], out: str | None = None,
+                  examples: int = 256, max_new_tokens: int = 16, batch_examples: int = 8, tokenizer: str | None = None,
+                  seed: int | None = None, device: str = "cpu", log=print) -> list[TaskAccuracy]:
+    """Task accuracy of a checkpoint by depth: the in-loop evaluation's numbers at that step
+    (the same examples, noise and scoring; `seed` defaults to the run's train.seed, as in the loop)."""
+    import math
+
+    from rdhpc.data.tokenizer import TextTokenizer
+    from rdhpc.export import load_checkpoint
+
+    if examples < 1 or max_new_tokens < 1 or batch_examples < 1:
+        raise TaskError("--examples, --max-new-tokens and --batch-size must be >= 1")
+    bad = [t for t in thresholds if not (math.isfinite(t) and t >= 0)]
+    if bad:
+        raise TaskError(f"--exit-threshold: thresholds must be finite and >= 0, got {bad}")
+    loaded = load_checkpoint(checkpoint, device=device)
+    run = loaded.run_config
+    if tokenizer is None:
+        tokenizer, missing = loaded.tokenizer_or_none_with_reason()
+        if tokenizer is None:
+            raise TaskError(f"{loaded.path}: {missing}; pass --tokenizer PATH")
+    if seed is None:
+        seed = run.train.seed if run is not None else 0
+    text_tokenizer = TextTokenizer(tokenizer)
+    model = loaded.model
+    pad_id = text_tokenizer.pad_id
+    results = []
+    for name, file in parse_task_args(tasks):
+        scorer = TaskScorer(load_task(file, name, examples), text_tokenizer, model.config.max_seq_len, max_new_tokens)
+        every = list(range(len(scorer.task.examples)))
+        sums = score_examples(model, scorer, every, len(every), depths, thresholds, pad_id, seed, device, batch_examples)
+        results.append(TaskAccuracy.of(scorer.task, sums))
+    if out is None:
+        out = (loaded.path.parent.parent / "eval" / loaded.path.name if loaded.kind == "deepspeed"
+               else loaded.path.parent / f"{loaded.path.stem}-eval")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    step = loaded.step or 0
+    (out / "tasks.json").write_text(json.dumps({"checkpoint": str(loaded.path), "step": loaded.step, "seed": seed,
+                                                "tasks": [r.to_dict() for r in results]}, indent=2) + "\n")
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    picture = task_figure([(step, results)])
+    Image.fromarray(picture).save(out / "accuracy_vs_depth.png")
+    writer = SummaryWriter(str(out / "tensorboard"))
+    for result in results:
+        for tag, value in result.scalars().items():
+            writer.add_scalar(tag, value, step)
+    writer.add_image("eval/tasks", picture, step, dataformats="HWC")
+    writer.close()
+    log(f"[eval] {loaded.kind} checkpoint {loaded.path}" + (f" (step {loaded.step})" if loaded.step is not None else "")
+        + f", tasks at depths {sorted(set(depths))}, noise seed {seed}")
+    log(accuracy_table(results))
+    log(f"[eval] wrote {out / 'tasks.json'}, {out / 'accuracy_vs_depth.png'}, {out / 'tensorboard'}")
+    return results
+
+
+def accuracy_table(results: list[TaskAccuracy]) -> str:
+    depths = sorted({d for r in results for d in r.accuracy})
+    thresholds = sorted({t for r in results for t in r.exit_accuracy})
+    header = f"{'task':<16} {'n':>5} " + " ".join(f"{'r=' + str(d):>7}" for d in depths)
+    header += "".join(f"  {'exit ' + format(t, 'g'):>12}" for t in thresholds)
+    lines = [header]
+    for r in results:
+        line = f"{r.task:<16} {r.examples:>5} " + " ".join(f"{r.accuracy[d]:>7.3f}" for d in depths)
+        line += "".join(f"  {r.exit_accuracy[t]:>5.3f} @{r.exit_mean_depth[t]:>5.1f}" for t in thresholds)
+        lines.append(line)
+    return "\n".join(lines)

@@ -89,6 +89,13 @@ class MetricsSink:
                 self.writer.add_scalar(tag, value, step)
             self.writer.flush()
 
+    def images(self, step: int, images: dict) -> None:
+        """{tag: a function drawing an (H, W, 3) uint8 image}: drawn only here, on the main rank."""
+        if self.writer is not None and images:
+            for tag, draw in images.items():
+                self.writer.add_image(tag, draw(), step, dataformats="HWC")
+            self.writer.flush()
+
     def step_record(self, record: dict) -> None:
         """One line of metrics.jsonl: what tests, `rdhpc status` and reports read back."""
         if self.active:

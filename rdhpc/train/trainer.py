@@ -35,7 +35,7 @@ from rdhpc.distributed import RankInfo
 from rdhpc.distributed.ranks import local_device_index
 from rdhpc.distributed.collectives import any_rank, gather_lists, is_collective_failure, mean_over_ranks, sum_over_ranks
 from rdhpc.errors import ConfigError, UserError
-from rdhpc.eval.in_loop import DepthLossEvaluator
+from rdhpc.eval.in_loop import build_evaluators
 from rdhpc.model import DepthSampler, RecurrentDepthModel
 from rdhpc.model.sampling import row_noise_seeds
 from rdhpc.run_folder import STOP_AT_VARIABLE, RunFolder, RunLock, RunLockError
@@ -179,10 +179,9 @@ class Trainer:
         self.attention_kernels = lambda: attention_kernels(run.train.sdpa_backend)
         self.sampler = DepthSampler.from_model_config(run.model, seed=run.train.seed)
         self.schedule = LRSchedule(run.schedule, run.optim.lr, run.train.max_steps)
-        self.evaluators = [DepthLossEvaluator(val, run.eval, run.train.micro_batch_size, self.ranks.rank,
-                                              self.ranks.world_size, self.device,
-                                              lambda values: sum_over_ranks(values, self.device), seed=run.train.seed,
-                                              source=source) for source, val in self.val_datasets.items()]
+        self.evaluators = build_evaluators(run, self.val_datasets, self.dataset.pad_id, self.ranks.rank,
+                                           self.ranks.world_size, self.device,
+                                           lambda values: sum_over_ranks(values, self.device))
         # the step draws its noise from per-row generators (row_noise_seeds); the global stream is
         # seeded per rank for anything else that might draw from it
         torch.manual_seed(run.train.seed + 1000 * self.ranks.rank)
@@ -411,6 +410,7 @@ class Trainer:
                 result = evaluator.evaluate(forward, self.step)
                 self.log(f"[train] {result.summary}")
                 self.sink.scalars(self.step, result.scalars)
+                self.sink.images(self.step, result.images)
         finally:
             self.engine.train()
         return time.perf_counter() - started
