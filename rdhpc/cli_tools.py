@@ -88,7 +88,7 @@ def add_tool_parsers(sub) -> None:
                                   "run validated on, data.val_dir or data.train_dir)")
     p.add_argument("--steps", default="1,2,4,8,16,32,64", help="comma-separated recurrence depths")
     p.add_argument("--split", choices=["val", "train"], default="val")
-    p.add_argument("--max-rows", type=int, default=256, help="evaluate the first N rows of the split")
+    p.add_argument("--max-rows", type=int, default=256, help="evaluate N rows spread evenly over the split")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--init-scale", type=float, default=1.0, help="initial-state scale (0: the zero state)")
     p.add_argument("--seed", type=int, default=None,

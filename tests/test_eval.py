@@ -224,9 +224,13 @@ def test_in_loop_evaluation_leaves_the_training_rng_streams_untouched():
     assert [len(p.indices) for p in parts] == [4, 4, 4] and [p.real_rows for p in parts] == [3, 3, 2]
     from rdhpc.eval.depth_eval import evaluate_depths
 
-    sums = [evaluate_depths(model, dataset.rows(p.indices), [1, 3], dataset.pad_id, 2, seed=7, first_row=p.first_row,
+    sums = [evaluate_depths(model, dataset.rows(p.indices), [1, 3], dataset.pad_id, 2, seed=7, row_indices=p.indices,
                             real_rows=p.real_rows) for p in parts]
-    whole, tokens = evaluate_depths(model, dataset.rows(np.arange(8)), [1, 3], dataset.pad_id, 8, seed=7)
+    from rdhpc.eval.depth_eval import validation_indices
+
+    spread = validation_indices(len(dataset), 8)  # the rows evaluated: spread over the whole split
+    assert len(spread) == 8 and spread[0] == 0 and spread[-1] >= len(dataset) * 7 // 8 and len(set(spread)) == 8
+    whole, tokens = evaluate_depths(model, dataset.rows(spread), [1, 3], dataset.pad_id, 8, seed=7, row_indices=spread)
     assert sum(t for _, t in sums) == tokens
     for depth in (1, 3):
         assert sum(s[depth] for s, _ in sums) / tokens == pytest.approx(whole[depth] / tokens, rel=1e-6)

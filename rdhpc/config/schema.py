@@ -303,9 +303,9 @@ class EvalConfig:
     """Fixed depths of the validation loss (`val/loss_r{r}`): the live test-time scaling curve. One
     trajectory to the deepest depth serves them all."""
     rows: int = 4096
-    """Validation rows per evaluation over all ranks (the first `rows` of the split, cut into one
-    contiguous slice per rank): the same rows, with the same noise, whatever the rank count. The
-    paper's run evaluated one row per rank (4096)."""
+    """Validation rows per evaluation over all ranks (`rows` rows spread evenly over the split, so
+    that they come from many documents, cut into one contiguous part per rank): the same rows, with
+    the same noise, whatever the rank count. The paper's run evaluated one row per rank (4096)."""
     tasks: list[TaskConfig] = field(default_factory=list)
     """Task accuracy against depth every `interval` steps (`eval/<task>/acc_r{r}`, and an image of
     accuracy against depth and against the training step): does thinking longer give better answers?"""

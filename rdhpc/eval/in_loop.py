@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from rdhpc.eval.depth_eval import evaluate_depths
+from rdhpc.eval.depth_eval import evaluate_depths, validation_indices
 
 
 @dataclass
@@ -40,8 +40,8 @@ class Evaluator(Protocol):
 
 
 class DepthLossEvaluator:
-    """Validation loss at fixed depths (`eval.depths`): the live test-time scaling curve, on the
-    first `eval.rows` rows of the validation split, one contiguous slice per rank. Every row's
+    """Validation loss at fixed depths (`eval.depths`): the live test-time scaling curve, on
+    `eval.rows` rows spread evenly over the validation split, one contiguous part per rank. Every row's
     initial-state noise is keyed by its index (rdhpc.eval.depth_eval.validation_seeds), so the rows,
     their noise and the token-weighted result are the same on any number of ranks, equal to
     `rdhpc eval` on the same rows; no global generator is drawn from, so evaluating never shifts
@@ -58,13 +58,17 @@ class DepthLossEvaluator:
         self.micro_batch_size = micro_batch_size
         self.sum_over_ranks = sum_over_ranks
         self.seed = seed
-        per_rank = -(-config.rows // world_size)
-        self.first_row = min(rank * per_rank, config.rows)
-        self.real_rows = min(per_rank, config.rows - self.first_row)
+        # `eval.rows` rows spread evenly over the split (validation_indices), one contiguous part of
+        # that list per rank
+        chosen = validation_indices(len(dataset), config.rows)
+        per_rank = -(-len(chosen) // world_size)
+        first = min(rank * per_rank, len(chosen))
+        self.real_rows = min(per_rank, len(chosen) - first)
         # every rank runs the same number of forwards (ZeRO 3 gathers weights in each): a rank with
         # fewer rows fills its last batch with rows that count nothing
         padded = -(-per_rank // micro_batch_size) * micro_batch_size
-        self.indices = (self.first_row + np.arange(padded)) % len(dataset)
+        mine = chosen[first:first + self.real_rows]
+        self.indices = np.concatenate([mine, np.full(padded - len(mine), chosen[0], dtype=np.int64)])
 
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.config.interval == 0
@@ -73,7 +77,7 @@ class DepthLossEvaluator:
     def evaluate(self, forward: Callable, step: int) -> EvalResult:
         totals, tokens = evaluate_depths(forward, self.dataset.rows(self.indices), self.depths, self.dataset.pad_id,
                                          self.micro_batch_size, seed=self.seed, device=self.device,
-                                         first_row=self.first_row, real_rows=self.real_rows)
+                                         row_indices=self.indices, real_rows=self.real_rows)
         *sums, tokens = self.sum_over_ranks([totals[d] for d in self.depths] + [float(tokens)])
         losses = {d: s / max(tokens, 1.0) for d, s in zip(self.depths, sums)}
         return EvalResult({f"{self.name}/loss_r{d}": v for d, v in losses.items()},
