@@ -1,4 +1,4 @@
-"""`rdhpc prep` subcommands: tokenizer, shards, verify, inspect."""
+"""`rdhpc prep` subcommands: tokenizer, shards, verify, inspect, synthetic."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ def _size(text: str) -> int:
 
 
 def add_prep_parser(sub) -> None:
-    prep = sub.add_parser("prep", help="data preparation: tokenizer, shards, verify, inspect")
+    prep = sub.add_parser("prep", help="data preparation: tokenizer, shards, verify, inspect, synthetic")
     stages = prep.add_subparsers(dest="stage", metavar="STAGE", required=True)
 
     p = stages.add_parser("tokenizer", help="train the byte-level BPE tokenizer")
@@ -59,6 +59,21 @@ def add_prep_parser(sub) -> None:
     p.set_defaults(func=lambda a: __import__("data_prep.inspect", fromlist=["inspect"]).inspect(
         a.dir, rows=a.rows, split=a.split))
 
+    p = stages.add_parser("synthetic", help="a built-in reasoning task: training documents and held-out evaluation "
+                                            "files of increasing difficulty")
+    p.add_argument("--task", default="chains", help="chains: variable chains to resolve, one hop per link (` b q; q3.` / `? b3`)")
+    p.add_argument("--out", required=True, help="folder for train.jsonl, eval-<task>-h<k>.jsonl, tasks.json")
+    p.add_argument("--train-docs", type=int, default=20000, help="training documents (one problem each)")
+    p.add_argument("--eval-examples", type=int, default=200, help="held-out examples per difficulty")
+    p.add_argument("--train-difficulty", default="1-4", metavar="LO-HI", help="hops asked in training")
+    p.add_argument("--eval-difficulty", default="1-8", metavar="LO-HI",
+                   help="hops of the held-out files, one file per value (beyond the training range: extrapolation)")
+    p.add_argument("--chains", default="3-6", metavar="LO-HI", help="chains per problem (the answer is one of "
+                                                                     "their distinct digits)")
+    p.add_argument("--max-variables", type=int, default=24, help="variables per problem, at most 26")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synthetic)
+
 
 def _tokenizer(args) -> int:
     from data_prep.tokenizer_train import train_tokenizer
@@ -78,4 +93,18 @@ def _shards(args) -> int:
                              piece_bytes=args.piece_bytes, strict=args.strict, keep_all=args.keep_all,
                              local_tmp=args.local_tmp, pack_task_bytes=args.pack_task_bytes)
     run_shards(settings, command=["rdhpc", *sys.argv[1:]])
+    return 0
+
+
+def _synthetic(args) -> int:
+    from data_prep.synthetic import SyntheticSettings, generate, parse_range
+
+    chains = parse_range("--chains", args.chains)
+    settings = SyntheticSettings(task=args.task, out=args.out, train_docs=args.train_docs,
+                                 eval_examples=args.eval_examples,
+                                 train_difficulty=parse_range("--train-difficulty", args.train_difficulty),
+                                 eval_difficulty=parse_range("--eval-difficulty", args.eval_difficulty),
+                                 min_chains=chains[0], max_chains=chains[1], max_variables=args.max_variables,
+                                 seed=args.seed)
+    generate(settings)
     return 0
