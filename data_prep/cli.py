@@ -71,6 +71,8 @@ def add_prep_parser(sub) -> None:
     p.add_argument("--chains", default="3-6", metavar="LO-HI", help="chains per problem (the answer is one of "
                                                                      "their distinct digits)")
     p.add_argument("--max-variables", type=int, default=24, help="variables per problem, at most 26")
+    p.add_argument("--no-recall", dest="recall", action="store_false",
+                   help="leave out the direct lookups (`! h b`, every statement again) after a document's queries")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synthetic)
 
@@ -105,6 +107,6 @@ def _synthetic(args) -> int:
                                  train_difficulty=parse_range("--train-difficulty", args.train_difficulty),
                                  eval_difficulty=parse_range("--eval-difficulty", args.eval_difficulty),
                                  min_chains=chains[0], max_chains=chains[1], max_variables=args.max_variables,
-                                 seed=args.seed)
+                                 recall=args.recall, seed=args.seed)
     generate(settings)
     return 0

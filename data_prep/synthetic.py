@@ -13,27 +13,32 @@ file with its kind and difficulty, the exact settings and seed).
 The task `chains` (variable chains to resolve; one hop per link). A document states a few chains
 of single-letter variables that end in distinct digits, one statement per variable, sorted by the
 variable's letter (so a chain's links are scattered and only content, not position, finds the next
-one), then asks for the value of the head of each chain, in random order:
+one), asks for the value of the head of each chain, in random order, and (unless --no-recall)
+repeats every statement as a direct lookup, in random order:
 
      b q; e7; h b; q3; x e.
     ? h3
     ? x7
+    ! q3
+    ! h b
+    ...
 
-`h` needs 3 hops (h -> b -> q -> 3), `x` 2 (the chains here: h b q, x e). The difficulty k of a query is its number of hops.
-Every symbol is one token of the byte-level BPE's split pattern: a variable is " x" (space and
-letter); a digit, "?", ";" and the newline stand alone. A value follows its variable directly, in a
-statement and in a query alike, so one hop is what an induction head does (attend to the token after
-the earlier occurrence of this variable as a left side, copy it): a core iteration can do one, and r
-iterations ~ r hops. (The first version, ` h= b;` / ` h?3`, needed a two-token match per hop and
-stayed at chance in 600 steps: docs/synthetic_task.md.)
+`h` needs 3 hops (h -> b -> q -> 3), `x` 2 (the chains here: h b q, x e). The difficulty k of a
+query is its number of hops. Every symbol is one token of the byte-level BPE's split pattern: a
+variable is " x" (space and letter); a digit, "?", "!", ";" and the newline stand alone. A value
+follows its variable directly, in a statement and in a query alike, so one hop is what an induction
+head does (attend to the token after the earlier occurrence of this variable as a left side, copy
+it): a core iteration can do one, and r iterations ~ r hops.
 
-Design for a tiny model that learns in minutes (a first try, six problems of shuffled statements
-per document, stayed at chance): statements sorted by variable (their left sides cost little
-loss), one query per chain (its head) so no earlier answer gives a later one away, chain lengths uniform
-over the training range (a curriculum of hop counts in every batch), distinct root digits (chance
-is 1 / chains, never 0.1 by accident). Held-out instances are the head of a chain of exactly k links among
-chains of 1..k links, k up to beyond the training range (the recurrent-depth literature's
-extrapolation setting); their statement sets never occur in training (canonical form hashed).
+Choices for a tiny model (measured in docs/synthetic_task.md; the first versions stayed at chance
+in 600 steps): statements sorted by variable (their left sides cost little loss), one query per
+chain (its head) so no earlier answer gives a later one away, chain lengths uniform over the
+training range (a curriculum of hop counts in every batch), distinct root digits (chance is
+1 / chains), the direct lookups after the queries (dense gradient for the one-hop copy every hop
+repeats; after the queries, so a document's prefix up to its first answer is exactly a held-out
+prompt). Held-out instances are the head of a chain of exactly k links among chains of 1..k links,
+k up to beyond the training range (the recurrent-depth literature's extrapolation setting); their
+statement sets never occur in training (canonical form hashed).
 
 Seeded and exact: the same settings give the same bytes (Python's `random.Random`, seeded from a
 SHA-256 of (seed, task, split), whose sequence Python keeps stable across versions).
@@ -71,6 +76,9 @@ class SyntheticSettings:
     min_chains: int = 3
     max_chains: int = 6
     max_variables: int = 24
+    recall: bool = True
+    """After the queries, every statement once more as a direct lookup (`! h b`, in random order):
+    dense gradient for the one-hop lookup that every hop repeats."""
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -201,6 +209,11 @@ def chains_train_document(rng: random.Random, s: SyntheticSettings, exclude: set
         for j in order:
             name = problem.chains[j][0]
             lines.append(f"{query_text(name)}{problem.digits[j]}")
+        if s.recall:
+            values = problem.values()
+            names = sorted(values)
+            rng.shuffle(names)
+            lines += [f"! {name}{'' if values[name].isdigit() else ' '}{values[name]}" for name in names]
         return "\n".join(lines) + "\n", problem
 
 

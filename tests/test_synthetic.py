@@ -49,6 +49,9 @@ def parse_document(text: str) -> tuple[str, list[tuple[str, str]]]:
     first, *queries = text.rstrip("\n").split("\n")
     out = []
     for q in queries:
+        if q.startswith("! "):  # a direct lookup: checked against the statement itself
+            assert q[2:].replace(" ", "") in canonical(first), q
+            continue
         assert q.startswith("? ") and len(q) == 4
         out.append((q[2], q[3]))
     return first, out
@@ -142,7 +145,7 @@ def test_every_symbol_is_one_pre_token(task):
     from rdhpc.data.tokenizer import SPLIT_PATTERN
 
     split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
-    allowed = {f" {c}" for c in "abcdefghijklmnopqrstuvwxyz"} | set("0123456789") | {";", ".\n", "?", "\n"}
+    allowed = {f" {c}" for c in "abcdefghijklmnopqrstuvwxyz"} | set("0123456789") | {";", ".\n", "?", "!", "\n"}
     for record in lines(task / "train.jsonl")[:50]:
         pieces = [p for p, _ in split.pre_tokenize_str(record["text"])]
         assert set(pieces) <= allowed, set(pieces) - allowed
@@ -188,3 +191,13 @@ def test_training_documents_go_through_prep_shards(tmp_path, task):
     manifest, problems = verify_folder(tmp_path / "shards")
     assert not problems
     assert manifest.totals("train")["rows"] > 0 and manifest.totals("val")["rows"] > 0
+
+
+def test_no_recall_leaves_out_the_direct_lookups_and_nothing_else(tmp_path, task):
+    plain = make(tmp_path, "plain", recall=False)
+    with_recall = [r["text"] for r in lines(task / "train.jsonl")]
+    without = [r["text"] for r in lines(plain / "train.jsonl")]
+    assert not any("!" in t for t in without) and all("\n! " in t for t in with_recall)
+    # the recall lines are drawn after the rest of a document, so held-out files are unchanged
+    assert all((plain / f).read_bytes() == (task / f).read_bytes() for f in ["eval-chains-h4.jsonl"])
+    assert [t.split("\n!")[0] for t in with_recall][0] == without[0].rstrip("\n")
