@@ -44,7 +44,10 @@ GPU_OVERRIDES = ["train.device=cuda", "train.precision=bf16"]
 
 def write_stdlib_corpus(path: Path, max_bytes: int) -> tuple[int, int]:
     """The standard library's .py files (sorted, so every machine with the same Python reads the
-    same corpus), one JSON line per file, until max_bytes. Returns (documents, bytes)."""
+    same corpus), cut into documents of a few KB at top-level definitions, one JSON line each,
+    until max_bytes. Returns (documents, bytes). Whole files made ~270 documents of 15 KB on
+    average, so the 5% validation split held 12-13 files and said more about them than about the
+    corpus (its loss sat 0.4-1.5 nats from the training loss, either side, by Python version)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     path.parent.mkdir(parents=True, exist_ok=True)
     docs = total = 0
@@ -56,12 +59,28 @@ def write_stdlib_corpus(path: Path, max_bytes: int) -> tuple[int, int]:
                 text = source.read_text(encoding="utf-8")
             except UnicodeDecodeError:
                 continue
-            f.write(json.dumps({"text": text}) + "\n")
-            docs, total = docs + 1, total + len(text.encode())
+            for document in split_at_definitions(text):
+                f.write(json.dumps({"text": document}) + "\n")
+                docs, total = docs + 1, total + len(document.encode())
             if total >= max_bytes:
                 break
     path.with_name(path.name + ".tmp").replace(path)
     return docs, total
+
+
+def split_at_definitions(text: str, min_chars: int = 1000) -> list[str]:
+    """A source file cut before top-level `def`, `class` or decorator lines, each piece at least
+    `min_chars` long (the last may be shorter); joined, the pieces give back the file."""
+    pieces, current, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        if size >= min_chars and line.startswith(("def ", "class ", "async def ", "@")):
+            pieces.append("".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        pieces.append("".join(current))
+    return [p for p in pieces if p.strip()]
 
 
 def _finished(train_dir: Path, steps: int) -> bool:
@@ -101,7 +120,8 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
         print(f"[demo] corpus: reusing {corpus} ({corpus.stat().st_size / 1e6:.1f} MB)")
     else:
         num_docs, num_bytes = write_stdlib_corpus(corpus, CORPUS_BYTES)
-        print(f"[demo] corpus: {num_docs} files of the Python standard library, {num_bytes / 1e6:.1f} MB -> {corpus}")
+        print(f"[demo] corpus: {num_docs} documents (the Python standard library's files cut at top-level definitions), "
+              f"{num_bytes / 1e6:.1f} MB -> {corpus}")
     # the standard library differs between Python versions and builds, and so do the demo's losses
     corpus_id = {"python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"],
                  "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()}
