@@ -341,58 +341,62 @@ def tokenize_piece(task: tuple[int, Piece]) -> dict:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    result, length_parts = ReadResult(), []
-    # Tokens go to disk batch by batch, already in the shards' dtype: no concatenation of the whole
-    # piece in memory, and half the bytes where the vocabulary fits 16 bits.
-    with open(unsorted, "wb") as tokens_file:
-        while (part := batches.get()) is not None:
-            if isinstance(part, BaseException):
-                raise part
-            if settings.strict and part.problems:
-                resolve_lines(part.problems[:1])
-                raise PrepError(f"{part.problems[0]} (--strict: stopping; without it such records are skipped and reported)")
-            result.records += part.records
-            result.problems += part.problems
-            result.bytes_read += part.bytes_read
-            if part.texts:
-                values, offsets = tokenizer.encode_batch_flat(part.texts)
-                tokens_file.write(values.astype(dtype, copy=False).data)
-                length_parts.append(np.diff(offsets))
-    reader.join()
-    keys = document_keys(settings.seed, source.name, source.key_names[piece.file],
-                         np.asarray(result.records, dtype=np.uint64))
-    val = is_validation(keys, settings.val_fraction)
-    copies = np.where(val, 1, num_copies(keys, source.weight)).astype(np.int64)
-    lengths = np.concatenate(length_parts) if length_parts else np.empty(0, dtype=np.int64)
-    starts = np.cumsum(lengths) - lengths
-    stats = {
-        "piece": index, "source": source.name, "documents": len(keys), "bytes": result.bytes_read,
-        "tokens": int(lengths.sum()),
-        "train_documents": int((~val).sum()), "val_documents": int(val.sum()),
-        # +2 per document: BOS and EOS
-        "train_tokens_with_copies": int(((lengths + 2) * copies)[~val].sum()),
-        "val_tokens": int((lengths + 2)[val].sum()),
-        # drop packing keeps at most one row per document start: what sizes its shards
-        "train_capped_tokens_with_copies": int((np.minimum(lengths + 2, settings.seq_len + 1) * copies)[~val].sum()),
-        "val_capped_tokens": int(np.minimum(lengths + 2, settings.seq_len + 1)[val].sum()),
-        "train_copies": int(copies[~val].sum()),
-        "host": socket.gethostname(), "local_tmp": str(settings.local_folder) if settings.local_folder else None,
-        "problems": [asdict(p) for p in result.problems],
-    }
-    train = np.flatnonzero(~val)
-    doc_of_copy, train_keys = copy_keys(keys[train], copies[train])
-    train_order = np.argsort(train_keys, kind="stable")
-    val_docs = np.flatnonzero(val)
-    val_order = np.argsort(keys[val_docs], kind="stable")
-    splits = {"train": (train_keys[train_order], train[doc_of_copy[train_order]]),
-              "val": (keys[val_docs][val_order], val_docs[val_order])}
-    values = (np.asarray(np.memmap(unsorted, dtype=dtype, mode="r")) if lengths.sum()
-              else np.empty(0, dtype=dtype))
-    _write_json_atomic(path.with_suffix(".json"), stats)
-    _write_piece(path, values, lengths, starts, splits)  # appears last: its presence means the piece is complete
-    del values
-    unsorted.unlink()
-    return stats
+    try:
+        result, length_parts = ReadResult(), []
+        # Tokens go to disk batch by batch, already in the shards' dtype: no concatenation of the whole
+        # piece in memory, and half the bytes where the vocabulary fits 16 bits.
+        with open(unsorted, "wb") as tokens_file:
+            while (part := batches.get()) is not None:
+                if isinstance(part, BaseException):
+                    raise part
+                if settings.strict and part.problems:
+                    resolve_lines(part.problems[:1])
+                    raise PrepError(f"{part.problems[0]} (--strict: stopping; without it such records are skipped "
+                                    "and reported)")
+                result.records += part.records
+                result.problems += part.problems
+                result.bytes_read += part.bytes_read
+                if part.texts:
+                    values, offsets = tokenizer.encode_batch_flat(part.texts)
+                    tokens_file.write(values.astype(dtype, copy=False).data)
+                    length_parts.append(np.diff(offsets))
+        reader.join()
+        keys = document_keys(settings.seed, source.name, source.key_names[piece.file],
+                             np.asarray(result.records, dtype=np.uint64))
+        val = is_validation(keys, settings.val_fraction)
+        copies = np.where(val, 1, num_copies(keys, source.weight)).astype(np.int64)
+        lengths = np.concatenate(length_parts) if length_parts else np.empty(0, dtype=np.int64)
+        starts = np.cumsum(lengths) - lengths
+        stats = {
+            "piece": index, "source": source.name, "documents": len(keys), "bytes": result.bytes_read,
+            "tokens": int(lengths.sum()),
+            "train_documents": int((~val).sum()), "val_documents": int(val.sum()),
+            # +2 per document: BOS and EOS
+            "train_tokens_with_copies": int(((lengths + 2) * copies)[~val].sum()),
+            "val_tokens": int((lengths + 2)[val].sum()),
+            # drop packing keeps at most one row per document start: what sizes its shards
+            "train_capped_tokens_with_copies":
+                int((np.minimum(lengths + 2, settings.seq_len + 1) * copies)[~val].sum()),
+            "val_capped_tokens": int(np.minimum(lengths + 2, settings.seq_len + 1)[val].sum()),
+            "train_copies": int(copies[~val].sum()),
+            "host": socket.gethostname(), "local_tmp": str(settings.local_folder) if settings.local_folder else None,
+            "problems": [asdict(p) for p in result.problems],
+        }
+        train = np.flatnonzero(~val)
+        doc_of_copy, train_keys = copy_keys(keys[train], copies[train])
+        train_order = np.argsort(train_keys, kind="stable")
+        val_docs = np.flatnonzero(val)
+        val_order = np.argsort(keys[val_docs], kind="stable")
+        splits = {"train": (train_keys[train_order], train[doc_of_copy[train_order]]),
+                  "val": (keys[val_docs][val_order], val_docs[val_order])}
+        values = (np.asarray(np.memmap(unsorted, dtype=dtype, mode="r")) if lengths.sum()
+                  else np.empty(0, dtype=dtype))
+        _write_json_atomic(path.with_suffix(".json"), stats)
+        _write_piece(path, values, lengths, starts, splits)  # appears last: its presence means the piece is complete
+        del values
+        return stats
+    finally:
+        unsorted.unlink(missing_ok=True)  # node-local scratch: nothing is left behind, also on failure
 
 
 # ---- stage 2: pack a range of shards -------------------------------------------------------------
@@ -407,15 +411,15 @@ def _key_index(keys: np.ndarray, bound: int) -> int:
     return len(keys) if bound >= 1 << 64 else int(np.searchsorted(keys, np.uint64(bound), side="left"))
 
 
-def pack_shards(task: tuple[str, int, int, int, int, frozenset]) -> dict:
-    """Shards [first, last) of a split: one contiguous read per piece, then each shard packed."""
-    split, first, last, num_shards, num_pieces, keep_all_pieces = task
+def pack_shards(task: tuple[str, int, int, int, int, frozenset, frozenset]) -> dict:
+    """Shards [first, last) of a split: one contiguous read per piece, then each shard packed
+    (except those in `finished`, made by an earlier, interrupted run)."""
+    split, first, last, num_shards, num_pieces, keep_all_pieces, finished = task
     settings: ShardSettings = _worker_state["settings"]
     tokenizer: TextTokenizer = _worker_state["tokenizer"]
     work = Path(settings.out) / WORK_DIR
     dtype = token_dtype(tokenizer.vocab_size)
     bounds = shard_bounds(num_shards)
-    finished = _finished_shards(Path(settings.out))
     todo = [g for g in range(first, last) if shard_name(split, g) not in finished]
     # First where each piece's range lies (its keys and offsets: a binary search and a few pages of
     # a mapping closed at once), then every range read once into one array of the task's size: the
@@ -495,7 +499,8 @@ def _read_exactly(path: Path, offset: int, into: np.ndarray) -> None:
         while done < len(view):
             got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
-                raise PrepError(f"{path}: ends before its header says (truncated? delete the .work folder and run again)")
+                raise PrepError(f"{path}: ends before its header says (truncated? delete the .work folder and run "
+                                "again)")
             done += got
     finally:
         os.close(fd)
@@ -707,7 +712,8 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
         # named by its index.
         todo.sort(key=lambda task: -piece_size(task[1]))
         if ranks.is_main:
-            log(f"[prep] {sum(len(s.files) for s in sources)} files in {len(sources)} source(s) -> {len(pieces)} pieces, "
+            log(f"[prep] {sum(len(s.files) for s in sources)} files in {len(sources)} source(s) -> "
+                f"{len(pieces)} pieces, "
                 f"{ranks.world_size} rank(s) ({ranks.launcher}) x {settings.workers} worker(s)"
                 + (f"; resuming: {sum(p.exists() for p in piece_paths)} pieces already tokenized"
                    if any(p.exists() for p in piece_paths) else ""))
@@ -736,7 +742,9 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
                             np.dtype(token_dtype(tokenizer.vocab_size)).itemsize)
         names = [shard_name(split, g) for split in ("train", "val") for g in range(groups[split])]
         finished = _finished_shards(out)
-        todo = [t for i, t in enumerate(tasks) if i % ranks.world_size == ranks.rank
+        # the shards an interrupted run finished, read once here (not by every task)
+        todo = [t + (frozenset(n for n in map(lambda g: shard_name(t[0], g), range(t[1], t[2])) if n in finished),)
+                for i, t in enumerate(tasks) if i % ranks.world_size == ranks.rank
                 and any(shard_name(t[0], g) not in finished for g in range(t[1], t[2]))]
         if ranks.is_main:
             log(f"[prep] packing {len(names)} shards in {len(tasks)} tasks: each reads its range of every "

@@ -110,7 +110,8 @@ def _example(record) -> tuple[TaskExample | None, str | None, str | None]:
         if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
             return None, None, "'choices' must be a list of at least 2 non-empty strings"
         if not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices)):
-            return None, None, f"'answer' must be the index of the right choice, 0 to {len(choices) - 1}, got {answer!r}"
+            return None, None, (f"'answer' must be the index of the right choice, 0 to {len(choices) - 1}, "
+                                f"got {answer!r}")
         return TaskExample(prompt, choices=tuple(choices), answer=answer), MULTIPLE_CHOICE, None
     target = record.get("target")
     if not (isinstance(target, str) and target.strip()):
@@ -304,7 +305,8 @@ class TaskAccuracy:
 
     def summary(self) -> str:
         parts = [f"r={d}: {v:.3f}" for d, v in self.accuracy.items()]
-        parts += [f"exit {t:g}: {v:.3f} at mean depth {self.exit_mean_depth[t]:.1f}" for t, v in self.exit_accuracy.items()]
+        parts += [f"exit {t:g}: {v:.3f} at mean depth {self.exit_mean_depth[t]:.1f}"
+                  for t, v in self.exit_accuracy.items()]
         return f"task {self.task} ({self.examples} examples) " + "  ".join(parts)
 
     def to_dict(self) -> dict:
@@ -431,7 +433,8 @@ def run_task_eval(checkpoint: str, tasks: list[str], depths: list[int], threshol
     for name, file in parse_task_args(tasks):
         scorer = TaskScorer(load_task(file, name, examples), text_tokenizer, model.config.max_seq_len, max_new_tokens)
         every = list(range(len(scorer.task.examples)))
-        sums = score_examples(model, scorer, every, len(every), depths, thresholds, pad_id, seed, device, batch_examples)
+        sums = score_examples(model, scorer, every, len(every), depths, thresholds, pad_id, seed, device,
+                              batch_examples)
         results.append(TaskAccuracy.of(scorer.task, sums))
     if out is None:
         out = (loaded.path.parent.parent / "eval" / loaded.path.name if loaded.kind == "deepspeed"
