@@ -61,8 +61,8 @@ def test_exact_match_by_teacher_forcing_is_greedy_decoding(model, tokenizer, mon
         # the stop after the target: here the token greedy decoding gives next
         monkeypatch.setattr(scorer, "is_stop", lambda token, stops={}: True)
     monkeypatch.setattr(wrong, "is_stop", lambda token: True)
-    monkeypatch.setattr(scorer, "too_long", lambda e: False)
-    monkeypatch.setattr(wrong, "too_long", lambda e: False)
+    monkeypatch.setattr(scorer, "too_long", [False] * len(PROMPTS))
+    monkeypatch.setattr(wrong, "too_long", [False] * len(PROMPTS))
     right = score(model, scorer, range(len(PROMPTS)), [depth])
     assert right.accuracy() == {depth: 1.0}
     assert score(model, wrong, range(len(PROMPTS)), [depth]).accuracy() == {depth: 0.0}

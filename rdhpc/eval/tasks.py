@@ -176,28 +176,28 @@ class TaskScorer:
                 candidates.append((np.asarray(context + continuation, dtype=np.int64), len(context)))
             self.rows.append(candidates)
         self._stops: dict[int, bool] = {}
+        # a generation target longer than the budget is wrong, as decoding would stop before its end
+        self.too_long = [task.kind == GENERATE and len(tokenizer.encode(example.target)) > max_new_tokens
+                         for example in task.examples]
 
     def is_stop(self, token: int) -> bool:
         if token not in self._stops:
             self._stops[token] = token == self.tokenizer.eos_id or self.tokenizer.decode([token]).startswith("\n")
         return self._stops[token]
 
-    def too_long(self, example: int) -> bool:
-        return (self.task.kind == GENERATE
-                and len(self.tokenizer.encode(self.task.examples[example].target)) > self.max_new_tokens)
-
-    def batch(self, examples: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    def batch(self, examples: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Right-padded inputs and labels of every candidate row of `examples` (padding after the
-        text changes nothing before it: attention is causal); (example, candidate) per row."""
+        text changes nothing before it: attention is causal); per row, the place in `examples` of
+        the example it belongs to."""
         rows, owners = [], []
-        for e in examples:
-            for c, (ids, start) in enumerate(self.rows[e]):
+        for place, e in enumerate(examples):
+            for ids, start in self.rows[e]:
                 labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
                 labels[start - 1:len(ids) - 1] = ids[start:]
                 if self.task.kind == GENERATE:
                     labels[len(ids) - 1] = self.tokenizer.eos_id  # the stop position: any stop counts
                 rows.append((ids, labels))
-                owners.append((e, c))
+                owners.append(place)
         width = max(len(ids) for ids, _ in rows)
         inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
         targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -229,27 +229,26 @@ def score_examples(forward: Callable, scorer: TaskScorer, examples: list[int], r
     for first in range(0, len(examples), batch_examples):
         chunk = examples[first:first + batch_examples]
         inputs, labels, owners = scorer.batch(chunk, pad_id)
-        position_of = {e: first + i for i, e in enumerate(chunk)}  # the example's place in `examples`
-        row_seeds = [seeds[position_of[e]] for e, _ in owners]
         out = forward(inputs.to(device), labels=labels.to(device), readout_depths=readout, readout_logits=True,
-                      init_scale=init_scale, state_seeds=row_seeds)
+                      init_scale=init_scale, state_seeds=[seeds[first + place] for place in owners])
         bounds = np.cumsum([0] + (labels != IGNORE_INDEX).sum(dim=1).tolist())
         label_ids = labels[labels != IGNORE_INDEX].tolist()
         logp = {d: torch.log_softmax(out.depth_logits[d].float().cpu(), dim=-1) for d in readout}
-        exit_at = {t: _exit_depths(logp, deepest, t) for t in thresholds}
-        for e in chunk:
-            if position_of[e] >= real:
+        exits = {}  # per threshold: each position's exit depth, and the log-probabilities read there
+        for t in thresholds:
+            at = _exit_depths(logp, deepest, t)
+            exits[t] = (at, torch.stack([logp[int(d)][i] for i, d in enumerate(at)]) if len(at) else logp[deepest])
+        for place, e in enumerate(chunk):
+            if first + place >= real:
                 continue
-            spans = [(int(bounds[i]), int(bounds[i + 1])) for i, (owner, _) in enumerate(owners) if owner == e]
+            spans = [(int(bounds[i]), int(bounds[i + 1])) for i, owner in enumerate(owners) if owner == place]
             # the positions that answer: a generation's target and stop, every choice's tokens
             answer_positions = [i for a, b in spans[:1 if generate else None] for i in range(a, b)]
             sums.examples += 1
             sums.exit_positions += len(answer_positions)
             for d in depths:
                 sums.correct[d] = sums.correct.get(d, 0.0) + _is_correct(scorer, e, spans, label_ids, logp[d])
-            for t in thresholds:
-                at = exit_at[t]
-                chosen = torch.stack([logp[int(at[i])][i] for i in range(len(at))]) if len(at) else logp[deepest]
+            for t, (at, chosen) in exits.items():
                 sums.exit_correct[t] = sums.exit_correct.get(t, 0.0) + _is_correct(scorer, e, spans, label_ids, chosen)
                 sums.exit_depth_sum[t] = sums.exit_depth_sum.get(t, 0.0) + float(sum(at[i] for i in answer_positions))
     return sums
@@ -272,7 +271,7 @@ def _exit_depths(logp: dict[int, torch.Tensor], deepest: int, threshold: float) 
 def _is_correct(scorer: TaskScorer, example: int, spans, label_ids, logp: torch.Tensor) -> float:
     """`logp`: (N, V) log-probabilities at every labelled position of the batch."""
     if scorer.task.kind == GENERATE:
-        if scorer.too_long(example):
+        if scorer.too_long[example]:
             return 0.0
         a, b = spans[0]
         predicted = logp[a:b].argmax(-1).tolist()
