@@ -472,13 +472,16 @@ def pack_shards(task: tuple[str, int, int, int, int, frozenset, frozenset]) -> d
     return totals
 
 
-def _finished_shards(out: Path) -> dict[str, dict]:
+def _finished_shards(out: Path, records_read: set | None = None) -> dict[str, dict]:
     """The shards finished by any task of this or an earlier (interrupted) run: their records,
     kept where the shard file is there with the recorded size (shards are not fsynced one by one;
     a node that crashed may have left one short: it is packed again; the manifest's sha256, which
-    `prep verify` and the trainer check, covers the rest)."""
+    `prep verify` and the trainer check, covers the rest). `records_read`: record files to skip,
+    and where the ones read are added (a task writes its record once, when all its shards exist)."""
     finished = {}
     for record in sorted((out / WORK_DIR / "shards").glob("*.json")):
+        if records_read is not None and record.name in records_read:
+            continue
         try:
             entries = json.loads(record.read_text())
         except (OSError, ValueError):
@@ -489,6 +492,8 @@ def _finished_shards(out: Path) -> dict[str, dict]:
                     finished[entry["file"]] = entry
             except FileNotFoundError:
                 pass
+        if records_read is not None:
+            records_read.add(record.name)
     return finished
 
 
@@ -739,13 +744,15 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
                   "val": _num_groups(sum(kept(s, "val") for s in stats), settings)
                   if any(s["val_documents"] for s in stats) else 0}
         tasks = _pack_tasks(groups, stats, settings, ranks.world_size, len(pieces), keep_all_pieces,
-                            np.dtype(token_dtype(tokenizer.vocab_size)).itemsize)
+                            np.dtype(dtype).itemsize)
         names = [shard_name(split, g) for split in ("train", "val") for g in range(groups[split])]
-        finished = _finished_shards(out)
-        # the shards an interrupted run finished, read once here (not by every task)
-        todo = [t + (frozenset(n for n in map(lambda g: shard_name(t[0], g), range(t[1], t[2])) if n in finished),)
-                for i, t in enumerate(tasks) if i % ranks.world_size == ranks.rank
-                and any(shard_name(t[0], g) not in finished for g in range(t[1], t[2]))]
+        records_read: set[str] = set()
+        finished = _finished_shards(out, records_read)
+        todo = []  # each task with the shards of its range an interrupted run finished, read once here
+        for i, (split, first, last, *_) in enumerate(tasks):
+            done = frozenset(n for n in (shard_name(split, g) for g in range(first, last)) if n in finished)
+            if i % ranks.world_size == ranks.rank and len(done) < last - first:
+                todo.append(tasks[i] + (done,))
         if ranks.is_main:
             log(f"[prep] packing {len(names)} shards in {len(tasks)} tasks: each reads its range of every "
                 f"piece once ({len(tasks) * len(pieces):,} piece reads)")
@@ -753,8 +760,8 @@ def run_shards(settings: ShardSettings, command: list[str] | None = None, log=pr
         if not ranks.is_main:
             return out  # rank 0 gathers the shards' counts and may delete .work as soon as all exist
 
-        def shards_missing():
-            finished.update(_finished_shards(out))
+        def shards_missing():  # only the records written since the last look are read
+            finished.update(_finished_shards(out, records_read))
             return [n for n in names if n not in finished]
 
         _wait_for(shards_missing, work, "pack", wait_timeout)
