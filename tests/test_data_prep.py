@@ -361,8 +361,10 @@ def test_kill_and_rerun_gives_identical_output(tmp_path, corpus, tokenizer_path)
     root, _ = corpus
     reference = prep(tmp_path, root, tokenizer_path, name="reference", piece_bytes=20_000)
     out = tmp_path / "killed"
+    # one shard per pack task (each reads every piece): a pack stage long enough to be killed in it,
+    # and the same bytes as the reference's few tasks
     args = ["--input", str(root), "--tokenizer", str(tokenizer_path), "--seq-len", "128", "--out", str(out),
-            "--rows-per-shard", "64", "--piece-bytes", "20000"]
+            "--rows-per-shard", "64", "--piece-bytes", "20000", "--pack-task-bytes", "1"]
     # kill -9 once during tokenization and once during packing, then finish
     for stage, pattern, at_least in (("tokenize", ".work/tok/*.bin", 3), ("pack", "*.arrow", 1)):
         process = run_cli_prep(args)
