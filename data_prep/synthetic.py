@@ -276,13 +276,12 @@ def generate(settings: SyntheticSettings, log=print) -> dict:
         gen_name, mc_name = f"eval-{task}-h{k}.jsonl", f"eval-{task}-mc-h{k}.jsonl"
         _write_jsonl(out / gen_name, (g for g, _ in examples))
         _write_jsonl(out / mc_name, (m for _, m in examples))
-        evals.append({"file": gen_name, "kind": "generate", "difficulty": k, "examples": len(examples),
-                      "in_training_range": settings.train_difficulty[0] <= k <= settings.train_difficulty[1]})
-        evals.append({"file": mc_name, "kind": "multiple_choice", "difficulty": k, "examples": len(examples),
-                      "in_training_range": settings.train_difficulty[0] <= k <= settings.train_difficulty[1]})
+        trained = settings.train_difficulty[0] <= k <= settings.train_difficulty[1]
+        evals += [{"file": name, "kind": kind, "difficulty": k, "examples": len(examples), "in_training_range": trained}
+                  for name, kind in ((gen_name, "generate"), (mc_name, "multiple_choice"))]
 
     rng = _rng(settings.seed, task, "train")
-    docs, chars = [], 0
+    chars = 0
 
     def train_records():
         nonlocal chars

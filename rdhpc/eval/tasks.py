@@ -337,7 +337,7 @@ def task_tokenizer(run):
         if not Path(run.eval.tokenizer).is_file():
             raise TaskError(f"eval.tokenizer: {run.eval.tokenizer} not found")
         return TextTokenizer(run.eval.tokenizer)
-    data = run.data.train_dir or run.data.sources[0].dir
+    data = run.data.first_dir()
     path = read_manifest(data).tokenizer.path
     if not Path(path).is_file():
         raise TaskError(f"eval.tasks: the tokenizer that {data}/manifest.json names, {path}, is not found; set "
