@@ -15,13 +15,7 @@ import trained_runs
 from rdhpc.data.tokenizer import TextTokenizer
 from rdhpc.eval.tasks import (GENERATE, Task, TaskError, TaskExample, TaskScorer, load_task, score_examples)
 from rdhpc.generate import GenerationConfig, Generator
-from rdhpc.model import RecurrentDepthModel, model_config_from_size
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return RecurrentDepthModel(model_config_from_size("debug")).eval()
+from test_generate import model  # noqa: F401  (module fixture: the seeded debug-size model)
 
 
 @pytest.fixture(scope="module")
