@@ -92,12 +92,16 @@ class RunLockError(UserError):
 
 
 def _process_start(pid: int) -> str | None:
-    """The start time of a process (Linux, field 22 of /proc/PID/stat): a pid reused by another
-    process has another start time."""
+    """The start time of a running process (Linux, field 22 of /proc/PID/stat): a pid reused by
+    another process has another start time. None when the process is gone, a zombie included: a
+    rank killed with its launcher stays a zombie until it is reaped, but it runs no more."""
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):  # state: zombie or dead
+        return None
+    return fields[19]
 
 
 class RunLock:

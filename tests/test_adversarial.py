@@ -203,6 +203,28 @@ def test_the_lock_is_taken_over_only_from_a_holder_provably_gone():
     assert RunLock.gone({"host": "n1", "pid": 5}, me) is None  # another host: its process cannot be checked
 
 
+def test_a_killed_holder_not_yet_reaped_counts_as_gone():
+    """A rank killed with its launcher stays a zombie until init reaps it; its /proc entry is still
+    there for a moment, and a rerun in that moment must not be refused (seen once in CI)."""
+    import socket
+    from rdhpc.run_folder import RunLock, _process_start
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {**RunLock._record(), "pid": child.pid, "pid_start": _process_start(child.pid)}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "job_id": None, "segment": 0}
+        assert RunLock.gone(holder, me) is None  # alive: not gone
+        child.kill()
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert "no longer exists" in RunLock.gone(holder, me)  # a zombie, not yet reaped: gone
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_export_never_replaces_its_source_or_an_earlier_export(tmp_path, finished_run):
     out = tmp_path / "m.safetensors"
     assert rdhpc("export", finished_run, "--out", out).returncode == 0
