@@ -61,18 +61,25 @@ def add_prep_parser(sub) -> None:
 
     p = stages.add_parser("synthetic", help="a built-in reasoning task: training documents and held-out evaluation "
                                             "files of increasing difficulty")
-    p.add_argument("--task", default="chains", help="chains: variable chains to resolve, one hop per link (` b q; q3.` / `? b3`)")
+    p.add_argument("--task", default="chains", help="chains: variable chains to resolve, one hop per link (` b q; q3.` "
+                                                    "/ `? b3`); compose: a digit through a word of fixed digit "
+                                                    "permutations (`? 3 a c b=7`), one per operation")
     p.add_argument("--out", required=True, help="folder for train.jsonl, eval-<task>-h<k>.jsonl, tasks.json")
     p.add_argument("--train-docs", type=int, default=20000, help="training documents (one problem each)")
     p.add_argument("--eval-examples", type=int, default=200, help="held-out examples per difficulty")
-    p.add_argument("--train-difficulty", default="1-4", metavar="LO-HI", help="hops asked in training")
+    p.add_argument("--train-difficulty", default="1-4", metavar="LO-HI",
+                   help="hops (chains) or operations (compose) asked in training")
     p.add_argument("--eval-difficulty", default="1-8", metavar="LO-HI",
-                   help="hops of the held-out files, one file per value (beyond the training range: extrapolation)")
+                   help="difficulty of the held-out files, one file per value (beyond the training range: extrapolation)")
     p.add_argument("--chains", default="3-6", metavar="LO-HI", help="chains per problem (the answer is one of "
                                                                      "their distinct digits)")
     p.add_argument("--max-variables", type=int, default=24, help="variables per problem, at most 26")
     p.add_argument("--no-recall", dest="recall", action="store_false",
                    help="leave out the direct lookups (`! h b`, every statement again) after a document's queries")
+    p.add_argument("--operations", type=int, default=3, help="compose: how many permutations (named a, b, ...)")
+    p.add_argument("--traced", type=float, default=0.3,
+                   help="compose: share of the training lines that show every intermediate digit (`! 3 a7 c2 b9`)")
+    p.add_argument("--lines", type=int, default=8, help="compose: problems per training document")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synthetic)
 
@@ -107,6 +114,7 @@ def _synthetic(args) -> int:
                                  train_difficulty=parse_range("--train-difficulty", args.train_difficulty),
                                  eval_difficulty=parse_range("--eval-difficulty", args.eval_difficulty),
                                  min_chains=chains[0], max_chains=chains[1], max_variables=args.max_variables,
-                                 recall=args.recall, seed=args.seed)
+                                 recall=args.recall, operations=args.operations, traced=args.traced,
+                                 lines=args.lines, seed=args.seed)
     generate(settings)
     return 0

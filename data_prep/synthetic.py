@@ -79,6 +79,12 @@ class SyntheticSettings:
     recall: bool = True
     """After the queries, every statement once more as a direct lookup (`! h b`, in random order):
     dense gradient for the one-hop lookup that every hop repeats."""
+    operations: int = 3
+    """compose: how many operations (fixed permutations of the ten digits, drawn from the seed)."""
+    traced: float = 0.3
+    """compose: share of the training lines that show every intermediate digit (`! 3 a7 c2`)."""
+    lines: int = 8
+    """compose: problems per training document, one per line."""
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -93,8 +99,18 @@ class SyntheticSettings:
                                  ("--eval-difficulty", self.eval_difficulty)):
             if not 1 <= lo <= hi:
                 out.append(f"{option}: need 1 <= LO <= HI, got {lo}-{hi}")
-            elif hi > self.max_variables:
+            elif self.task == "compose" and hi > MAX_WORD:
+                out.append(f"{option}: at most {MAX_WORD} operations per problem, got {hi}")
+            elif self.task == "chains" and hi > self.max_variables:
                 out.append(f"{option}: {hi} hops need {hi} variables, more than --max-variables {self.max_variables}")
+        if self.task == "compose":
+            if not 2 <= self.operations <= len(OPERATIONS):
+                out.append(f"--operations: must be in 2..{len(OPERATIONS)}, got {self.operations}")
+            if not 0 <= self.traced <= 1:
+                out.append(f"--traced: a share in [0, 1], got {self.traced}")
+            if self.lines < 1:
+                out.append(f"--lines: must be >= 1, got {self.lines}")
+            return out
         if not 2 <= self.min_chains <= self.max_chains:
             out.append(f"--chains: need 2 <= MIN <= MAX, got {self.min_chains}-{self.max_chains}")
         elif self.max_chains > len(DIGITS):
@@ -227,7 +243,122 @@ def chains_eval_example(rng: random.Random, s: SyntheticSettings, k: int) -> tup
     return {"prompt": prompt, "target": problem.digits[0]}, problem
 
 
-TASKS = {"chains": "variable chains to resolve, one hop per link (` b q; q3.` / `? b3`)"}
+def chains_eval_examples(s: SyntheticSettings, k: int, held_out: set[str]) -> list[tuple[dict, dict]]:
+    """(generation record, multiple-choice record) x eval_examples, distinct across difficulties."""
+    rng = _rng(s.seed, "chains", f"eval-h{k}")
+    examples, attempts = [], 0
+    while len(examples) < s.eval_examples:
+        attempts += 1
+        if attempts > 50 * s.eval_examples + 1000:
+            raise SyntheticError(f"--eval-examples {s.eval_examples}: only {len(examples)} distinct "
+                                 f"problems of {k} hops found; ask for fewer")
+        example, problem = chains_eval_example(rng, s, k)
+        if problem.canonical() in held_out:
+            continue  # distinct across and within difficulties
+        held_out.add(problem.canonical())
+        choices = sorted(problem.digits)
+        examples.append((example, {"prompt": example["prompt"], "choices": choices,
+                                   "answer": choices.index(example["target"])}))
+    return examples
+
+
+# ---- the task: composing digit permutations --------------------------------------------------
+
+OPERATIONS = "abcdefgh"
+MAX_WORD = 64
+
+
+def compose_operations(seed: int, count: int) -> dict[str, tuple[int, ...]]:
+    """The task's operations: `count` fixed permutations of the ten digits without a fixed point
+    (no operation leaves a digit as it is), drawn from the seed; learnt from the data, never stated."""
+    rng = _rng(seed, "compose", "operations")
+    out = {}
+    for name in OPERATIONS[:count]:
+        while True:
+            table = list(range(10))
+            rng.shuffle(table)
+            if all(table[d] != d for d in range(10)):
+                break
+        out[name] = tuple(table)
+    return out
+
+
+def compose_apply(operations: dict[str, tuple[int, ...]], start: int, word: str) -> list[int]:
+    """The digits after each operation of `word`, applied left to right."""
+    out, digit = [], start
+    for name in word:
+        digit = operations[name][digit]
+        out.append(digit)
+    return out
+
+
+def compose_held_out(start: int, word: str) -> bool:
+    """One problem in 8, by a hash of its text, is held out: never trained on, whatever the seed."""
+    return hashlib.sha256(f"{start} {word}".encode()).digest()[0] % 8 == 0
+
+
+def compose_prompt(start: int, word: str) -> str:
+    """`? 3 a c b=`: every symbol one token; the answer digit follows the `=`."""
+    return f"? {start} " + " ".join(word) + "="
+
+
+def compose_train_document(rng: random.Random, s: SyntheticSettings, operations) -> str:
+    """`lines` problems, one per line; the word length k is drawn with weight 0.6^(k - LO) over the
+    training range (short words, which teach each operation's table, most often), and a share
+    `traced` of the lines shows every intermediate digit (`! 3 a7 c2 b9`)."""
+    lo, hi = s.train_difficulty
+    names = OPERATIONS[:s.operations]
+    weights = [0.6 ** i for i in range(hi - lo + 1)]
+    lines = []
+    for _ in range(s.lines):
+        while True:
+            k = rng.choices(range(lo, hi + 1), weights=weights)[0]
+            start, word = rng.randrange(10), "".join(rng.choice(names) for _ in range(k))
+            if not compose_held_out(start, word):
+                break
+        digits = compose_apply(operations, start, word)
+        if rng.random() < s.traced:
+            lines.append(f"! {start}" + "".join(f" {name}{d}" for name, d in zip(word, digits)))
+        else:
+            lines.append(f"{compose_prompt(start, word)}{digits[-1]}")
+    return "\n".join(lines) + "\n"
+
+
+def compose_eval_examples(s: SyntheticSettings, k: int, operations) -> list[tuple[dict, dict]]:
+    """Up to eval_examples distinct held-out problems of k operations (fewer where fewer exist:
+    10 x operations^k problems, one in 8 held out)."""
+    rng = _rng(s.seed, "compose", f"eval-h{k}")
+    names = OPERATIONS[:s.operations]
+    if 10 * len(names) ** k <= 50 * s.eval_examples:  # small: every held-out problem, in random order
+        import itertools
+
+        pool = [(start, "".join(w)) for start in range(10) for w in itertools.product(names, repeat=k)]
+        pool = [p for p in pool if compose_held_out(*p)]
+        rng.shuffle(pool)
+        chosen = pool[:s.eval_examples]
+    else:
+        chosen, seen = [], set()
+        while len(chosen) < s.eval_examples:
+            problem = (rng.randrange(10), "".join(rng.choice(names) for _ in range(k)))
+            if compose_held_out(*problem) and problem not in seen:
+                seen.add(problem)
+                chosen.append(problem)
+    out = []
+    for start, word in chosen:
+        answer = compose_apply(operations, start, word)[-1]
+        prompt = compose_prompt(start, word)
+        out.append(({"prompt": prompt, "target": str(answer)},
+                    {"prompt": prompt, "choices": list(DIGITS), "answer": answer}))
+    return out
+
+
+TASKS = {"chains": "variable chains to resolve, one hop per link (` b q; q3.` / `? b3`)",
+         "compose": "a digit through a word of fixed digit permutations, one per operation (`? 3 a c b=` -> `7`)"}
+HELD_OUT_RULE = {"chains": "no training document has the statement set of any held-out example",
+                 "compose": "a problem is held out when the first byte of SHA-256(f'{start} {word}') is 0 mod 8; "
+                            "training lines (traced or not) never have a held-out problem"}
+DIFFICULTY = {"chains": "hops: variable lookups from the queried variable to its digit",
+              "compose": "operations: permutations to apply in turn to the starting digit"}
 
 
 # ---- writing the files --------------------------------------------------------------------------
@@ -254,25 +385,14 @@ def generate(settings: SyntheticSettings, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     task = settings.task
 
-    # Held-out first: their canonical forms are what training must never contain.
+    # Held-out first: (chains) their canonical forms are what training must never contain.
     held_out: set[str] = set()
+    operations = compose_operations(settings.seed, settings.operations) if task == "compose" else None
     evals = []
     lo, hi = settings.eval_difficulty
     for k in range(lo, hi + 1):
-        rng = _rng(settings.seed, task, f"eval-h{k}")
-        examples, attempts = [], 0
-        while len(examples) < settings.eval_examples:
-            attempts += 1
-            if attempts > 50 * settings.eval_examples + 1000:
-                raise SyntheticError(f"--eval-examples {settings.eval_examples}: only {len(examples)} distinct "
-                                     f"problems of {k} hops found; ask for fewer")
-            example, problem = chains_eval_example(rng, settings, k)
-            if problem.canonical() in held_out:
-                continue  # distinct across and within difficulties
-            held_out.add(problem.canonical())
-            choices = sorted(problem.digits)
-            examples.append((example, {"prompt": example["prompt"], "choices": choices,
-                                       "answer": choices.index(example["target"])}))
+        examples = (compose_eval_examples(settings, k, operations) if task == "compose"
+                    else chains_eval_examples(settings, k, held_out))
         gen_name, mc_name = f"eval-{task}-h{k}.jsonl", f"eval-{task}-mc-h{k}.jsonl"
         _write_jsonl(out / gen_name, (g for g, _ in examples))
         _write_jsonl(out / mc_name, (m for _, m in examples))
@@ -286,24 +406,30 @@ def generate(settings: SyntheticSettings, log=print) -> dict:
     def train_records():
         nonlocal chars
         for _ in range(settings.train_docs):
-            text, _ = chains_train_document(rng, settings, held_out)
+            text = (compose_train_document(rng, settings, operations) if task == "compose"
+                    else chains_train_document(rng, settings, held_out)[0])
             chars += len(text)
             yield {"text": text}
 
     num_docs = _write_jsonl(out / "train.jsonl", train_records())
     info = {"format_version": FORMAT_VERSION, "task": task, "description": TASKS[task],
-            "difficulty": "hops: variable lookups from the queried variable to its digit",
+            "difficulty": DIFFICULTY[task],
             "train": {"file": "train.jsonl", "documents": num_docs, "characters": chars},
             "eval": evals,
             "settings": {**asdict(settings), "train_difficulty": list(settings.train_difficulty),
                          "eval_difficulty": list(settings.eval_difficulty)},
-            "held_out_rule": "no training document has the statement set of any held-out example"}
+            "held_out_rule": HELD_OUT_RULE[task]}
+    if operations:
+        info["operations"] = {name: "".join(map(str, table)) for name, table in operations.items()}
     info["settings"].pop("out")
     tmp = out / "tasks.json.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / "tasks.json")
-    log(f"[prep] synthetic {task}: {num_docs} training documents ({chars / 1e6:.2f} M characters, hops "
+    unit = DIFFICULTY[task].split(":")[0]
+    counts = sorted({e["examples"] for e in evals})
+    log(f"[prep] synthetic {task}: {num_docs} training documents ({chars / 1e6:.2f} M characters, {unit} "
         f"{settings.train_difficulty[0]}-{settings.train_difficulty[1]}) -> {out / 'train.jsonl'}; "
-        f"{len(evals) // 2} held-out difficulties x {settings.eval_examples} examples (hops {lo}-{hi}) -> "
+        f"{len(evals) // 2} held-out difficulties x {'-'.join(map(str, counts[::max(1, len(counts) - 1)]))} examples "
+        f"({unit} {lo}-{hi}) -> "
         f"{out}/eval-{task}-h*.jsonl (generation) and eval-{task}-mc-h*.jsonl (multiple choice); {out / 'tasks.json'}")
     return info

@@ -163,6 +163,10 @@ def test_every_symbol_is_one_pre_token(task):
     (["--train-docs", "0"], "--train-docs"),
     (["--eval-examples", "-1"], "--eval-examples"),
     (["--chains", "1-3"], "--chains"),
+    (["--task", "compose", "--operations", "1"], "--operations"),
+    (["--task", "compose", "--traced", "1.5"], "--traced"),
+    (["--task", "compose", "--lines", "0"], "--lines"),
+    (["--task", "compose", "--eval-difficulty", "1-65"], "--eval-difficulty"),
 ])
 def test_bad_options_exit_2_naming_the_option(tmp_path, capsys, argv, option):
     status = rdhpc_main(["prep", "synthetic", "--out", str(tmp_path / "x"), *argv])
@@ -201,3 +205,98 @@ def test_no_recall_leaves_out_the_direct_lookups_and_nothing_else(tmp_path, task
     # the recall lines are drawn after the rest of a document, so held-out files are unchanged
     assert all((plain / f).read_bytes() == (task / f).read_bytes() for f in ["eval-chains-h4.jsonl"])
     assert [t.split("\n!")[0] for t in with_recall][0] == without[0].rstrip("\n")
+
+
+# ---- compose: a digit through a word of fixed digit permutations ----------------------------------
+
+COMPOSE = dict(task="compose", train_docs=300, eval_examples=40, train_difficulty=(1, 4), eval_difficulty=(1, 7))
+
+
+@pytest.fixture(scope="module")
+def compose(tmp_path_factory):
+    return make(tmp_path_factory.mktemp("compose"), "c", **COMPOSE)
+
+
+def compose_solver(folder: Path):
+    """This test's own solver, from the operations tasks.json states (digit -> digit tables)."""
+    tables = {name: [int(c) for c in table] for name, table in json.loads((folder / "tasks.json").read_text())
+              ["operations"].items()}
+    assert all(sorted(t) == list(range(10)) and all(t[d] != d for d in range(10)) for t in tables.values())
+
+    def run(start: int, word: str) -> list[int]:
+        out = [start]
+        for name in word:
+            out.append(tables[name][out[-1]])
+        return out[1:]
+    return run
+
+
+def is_held_out(start: int, word: str) -> bool:
+    return hashlib.sha256(f"{start} {word}".encode()).digest()[0] % 8 == 0
+
+
+def test_compose_same_seed_same_bytes_other_seed_other_operations(tmp_path, compose):
+    assert digests(make(tmp_path, "again", **COMPOSE)) == digests(compose)
+    other = make(tmp_path, "other", **{**COMPOSE, "seed": 1})
+    assert json.loads((other / "tasks.json").read_text())["operations"] != \
+        json.loads((compose / "tasks.json").read_text())["operations"]
+
+
+def test_compose_answers_traces_and_held_out_problems(compose):
+    solve = compose_solver(compose)
+    info = json.loads((compose / "tasks.json").read_text())
+    held, lengths, traced = set(), [], 0
+    for entry in info["eval"]:
+        k = entry["difficulty"]
+        for ex in lines(compose / entry["file"]):
+            assert ex["prompt"].startswith("? ") and ex["prompt"].endswith("=")
+            start, *word = ex["prompt"][2:-1].split(" ")
+            word = "".join(word)
+            assert len(word) == k and is_held_out(int(start), word)
+            answer = solve(int(start), word)[-1]
+            if entry["kind"] == "generate":
+                assert ex["target"] == str(answer)
+                held.add((int(start), word))
+            else:
+                assert ex["choices"][ex["answer"]] == str(answer)
+        # every held-out problem exists only 10 x 3^k / 8 times or so: fewer examples where fewer exist
+        assert entry["examples"] == min(40, sum(is_held_out(s, w) for s in range(10) for w in words(k)))
+    for record in lines(compose / "train.jsonl"):
+        problems = record["text"].rstrip("\n").split("\n")
+        assert len(problems) == 8
+        for problem in problems:
+            if problem.startswith("! "):  # a traced line: every intermediate digit
+                start, *steps = problem[2:].split(" ")
+                word, digits = "".join(s[0] for s in steps), [int(s[1:]) for s in steps]
+                assert digits == solve(int(start), word)
+                traced += 1
+            else:
+                prompt, answer = problem.split("=")
+                start, *word = prompt[2:].split(" ")
+                word = "".join(word)
+                assert int(answer) == solve(int(start), word)[-1]
+            assert not is_held_out(int(start), word) and (int(start), word) not in held
+            lengths.append(len(word))
+    assert set(lengths) == {1, 2, 3, 4} and lengths.count(1) > lengths.count(4)  # short words most often
+    assert 0.2 < traced / len(lengths) < 0.4  # --traced 0.3
+
+
+def words(k: int) -> list[str]:
+    import itertools
+
+    return ["".join(w) for w in itertools.product("abc", repeat=k)]
+
+
+def test_compose_every_symbol_is_one_pre_token(compose):
+    from tokenizers import Regex, pre_tokenizers
+
+    from rdhpc.data.tokenizer import SPLIT_PATTERN
+
+    split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    allowed = {" a", " b", " c", " ", "=", "?", "!", "\n"} | set("0123456789")
+    for record in lines(compose / "train.jsonl")[:50]:
+        pieces = [p for p, _ in split.pre_tokenize_str(record["text"])]
+        assert set(pieces) <= allowed, set(pieces) - allowed
+    for ex in lines(compose / "eval-compose-h7.jsonl")[:10]:
+        whole = [p for p, _ in split.pre_tokenize_str(ex["prompt"] + ex["target"] + "\n")]
+        assert whole == [p for p, _ in split.pre_tokenize_str(ex["prompt"])] + [ex["target"], "\n"]
