@@ -1,20 +1,25 @@
 """The main job on an embedded default, as `make demo` runs it:
 
-    rdhpc demo --run-dir runs/demo          # about 3 minutes on 2 CPU cores
+    rdhpc demo --run-dir runs/demo          # about 6 minutes on 2 CPU cores
     rdhpc demo --gpu                        # the same on this machine's GPUs (bf16, one rank per GPU)
 
 The whole pipeline: a corpus from the Python standard library's own sources (real text already on
-the machine, never downloaded), `rdhpc prep tokenizer` and `rdhpc prep shards` (verified Arrow
-shards), the DeepSpeed trainer on 2 local ranks (gloo) with the paper's depth sampler and truncated
-backpropagation, checkpoints and TensorBoard, `rdhpc eval` of the final checkpoint at depths 1 to 32
-(table, JSON, PNG: the test-time scaling curve; the demo fails unless depth 8 beats depth 1), and an
+the machine, never downloaded) and a built-in reasoning task whose difficulty needs depth
+(`rdhpc prep synthetic --task compose`: a digit through a word of k fixed digit permutations),
+`rdhpc prep tokenizer` on both and `rdhpc prep shards` of each (verified Arrow shards), the
+DeepSpeed trainer on 2 local ranks (gloo) blending the two sources (data.sources) with the paper's
+depth sampler and truncated backpropagation, the task's accuracy against depth evaluated in the
+loop (TensorBoard), checkpoints, then from the final checkpoint: validation loss at depths 1 to 32
+(`rdhpc eval`; the demo fails unless depth 8 beats depth 1) and task accuracy at the same depths
+and under early exit (`rdhpc eval --tasks`), one figure of both beside the training loss, and an
 export to the released Huginn checkpoint layout that is read back and checked for identical logits.
-Everything is written under the run folder; a second run reuses the corpus, the tokenizer, the
-shards and the finished training.
+Everything is written under the run folder; a second run reuses the corpus, the task, the
+tokenizer, the shards and the finished training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 
 from data_prep.shards import ShardSettings, run_shards
+from data_prep.synthetic import SyntheticSettings, generate
 from data_prep.tokenizer_train import train_tokenizer
 from rdhpc.config import load_config, save_config
 from rdhpc.data.format import verify_folder
@@ -38,6 +44,12 @@ CORPUS_BYTES = 4_000_000
 NUM_RANKS = 2
 EVAL_DEPTHS = [1, 2, 4, 8, 16, 32]
 EVAL_ROWS = 64
+# The task: train on words of 1-4 operations, evaluate 1-8 (5-8: more than any training problem).
+TASK = SyntheticSettings(task="compose", train_docs=40000, eval_examples=200, train_difficulty=(1, 4),
+                         eval_difficulty=(1, 8), operations=3, traced=0.3, seed=0)
+TASK_WEIGHT = 3.0  # rows of the task per row of text in every global batch (data.sources weights 1 : 3)
+IN_LOOP_TASKS = [3, 4, 6, 8]  # difficulties evaluated during training (64 examples each)
+EXIT_THRESHOLD = 5e-4  # the paper's early-exit KL threshold
 # --gpu: the same run in bf16 on every GPU of this machine (ZeRO 1 keeps float32 master weights).
 GPU_OVERRIDES = ["train.device=cuda", "train.precision=bf16"]
 
@@ -83,6 +95,42 @@ def split_at_definitions(text: str, min_chars: int = 1000) -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
+def demo_figure(path: Path, metrics: list[dict], curve, accuracy, trained: tuple[int, int]) -> Path:
+    """The demo's one picture: the training loss over steps, the text's validation loss against
+    depth, and the task's accuracy against depth, a line per difficulty (dashed: longer than any
+    training problem), early exit as a point at the mean depth it used."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_depth, ax_task) = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
+    steps = [m["step"] for m in metrics]
+    ax_loss.plot(steps, [m["loss"] for m in metrics], lw=0.8)
+    ax_loss.set(xlabel="training step", ylabel="training loss (text and task)", title="training")
+    ax_depth.plot(curve.depths, [curve.loss[d] for d in curve.depths], marker="o")
+    ax_depth.set(xscale="log", xlabel="recurrence depth r", ylabel="validation loss (text)",
+                 title="text: loss against depth")
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(accuracy)))
+    for result, color in zip(accuracy, colors):
+        depths = sorted(result.accuracy)
+        k = int(result.task.rsplit("h", 1)[1])
+        ax_task.plot(depths, [result.accuracy[d] for d in depths], marker="o", color=color,
+                     ls="-" if k <= trained[1] else "--", label=f"{k} op{'s' if k > 1 else ''} (n={result.examples})")
+        for t, acc in result.exit_accuracy.items():
+            ax_task.scatter([result.exit_mean_depth[t]], [acc], marker="*", s=90, color=color, edgecolor="black", zorder=3)
+    ax_task.axhline(0.1, color="gray", lw=0.8, ls=":", label="chance")
+    ax_task.set(xscale="log", ylim=(0, 1), xlabel="recurrence depth r (star: early exit at its mean depth)",
+                ylabel="exact match", title=f"task: accuracy against depth (trained on {trained[0]}-{trained[1]} ops)")
+    ax_task.legend(fontsize=7, ncol=2)
+    for ax in (ax_depth, ax_task):
+        ax.set_xticks(curve.depths, [str(d) for d in curve.depths])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _finished(train_dir: Path, steps: int) -> bool:
     """The trainer's run_state.json says this run completed exactly `steps` steps."""
     state = RunFolder(train_dir).read_run_state()
@@ -113,9 +161,9 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
     save_config(config, run_dir)
     print(f"[demo] run folder: {run_dir.resolve()}")
 
-    # 1-2. Data: real text on this machine -> tokenizer -> verified shards (95/5 document split).
+    # 1-2. Data: real text on this machine and the synthetic task -> tokenizer -> verified shards.
     corpus = run_dir / "corpus" / "stdlib.jsonl"
-    _stage(1, "corpus and tokenizer")
+    _stage(1, "corpus, task and tokenizer")
     if corpus.exists():
         print(f"[demo] corpus: reusing {corpus} ({corpus.stat().st_size / 1e6:.1f} MB)")
     else:
@@ -127,33 +175,53 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
                  "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()}
     print(f"[demo] corpus sha256 {corpus_id['sha256'][:16]} (Python {corpus_id['python']}'s standard library: "
           f"another Python gives another corpus and other losses)")
+    task_dir = run_dir / "task"
+    if (task_dir / "tasks.json").exists():
+        print(f"[demo] task: reusing {task_dir}")
+    else:
+        # enough documents that the task's rows never repeat (about 2.5 rows of 129 tokens per 100 documents)
+        docs = max(TASK.train_docs, 40 * steps)
+        generate(dataclasses.replace(TASK, out=str(task_dir), train_docs=docs),
+                 log=lambda m: print(m.replace("[prep]", "[demo]")))
     tokenizer_path = run_dir / "tokenizer.json"
     if not tokenizer_path.exists():
-        train_tokenizer([str(corpus)], mc.vocab_size, tokenizer_path, sample_bytes=CORPUS_BYTES,
+        train_tokenizer([str(corpus), str(task_dir / "train.jsonl")], mc.vocab_size, tokenizer_path,
+                        sample_bytes=CORPUS_BYTES + (task_dir / "train.jsonl").stat().st_size,
                         log=lambda m: print(m.replace("[prep]", "[demo]")))
     _stage(2, "token shards")
-    shards = run_dir / "shards"
-    # carry packing keeps every token of the small corpus (the paper's drop packing would keep
-    # only the first row of each long source file at this sequence length)
-    run_shards(ShardSettings(inputs=[str(corpus)], tokenizer=str(tokenizer_path), seq_len=mc.max_seq_len,
-                             out=str(shards), pack="carry", val_fraction=0.05, seed=config.data.shuffle_seed,
-                             rows_per_shard=4096), log=lambda m: print(m.replace("[prep]", "[demo]")))
-    manifest, problems = verify_folder(shards)
-    if problems:
-        print("[demo] FAILED: shard verification:\n  " + "\n  ".join(problems))
-        return 1
-    print(f"[demo] shards verified: {manifest.totals('train')['rows']} train rows, {manifest.totals('val')['rows']} "
-          f"validation rows of {mc.max_seq_len + 1} tokens")
+    shards = {"text": run_dir / "shards", "task": run_dir / "shards-task"}
+    for name, source in (("text", corpus), ("task", task_dir / "train.jsonl")):
+        # carry packing keeps every token of the small corpus (the paper's drop packing would keep
+        # only the first row of each long source file at this sequence length)
+        run_shards(ShardSettings(inputs=[str(source)], tokenizer=str(tokenizer_path), seq_len=mc.max_seq_len,
+                                 out=str(shards[name]), pack="carry", val_fraction=0.05 if name == "text" else 0.02,
+                                 seed=config.data.shuffle_seed, rows_per_shard=4096),
+                   log=lambda m: print(m.replace("[prep]", "[demo]")))
+        manifest, problems = verify_folder(shards[name])
+        if problems:
+            print(f"[demo] FAILED: shard verification of {shards[name]}:\n  " + "\n  ".join(problems))
+            return 1
+        print(f"[demo] {name} shards verified: {manifest.totals('train')['rows']} train rows, "
+              f"{manifest.totals('val')['rows']} validation rows of {mc.max_seq_len + 1} tokens")
 
-    # 3. The DeepSpeed trainer on local ranks: depth drawn per step from the step number, truncated
-    # backpropagation, checkpoints and TensorBoard. A finished run is reused as it is.
+    # 3. The DeepSpeed trainer on local ranks: text and task blended by weight, depth drawn per step
+    # from the step number, truncated backpropagation, task accuracy by depth in the loop,
+    # checkpoints and TensorBoard. A finished run is reused as it is.
     train_dir = run_dir / "train"
-    _stage(3, f"training: {steps} steps on {nproc} rank(s) ({'GPU, bf16' if gpu else 'CPU, gloo'})")
+    _stage(3, f"training: {steps} steps on {nproc} rank(s) ({'GPU, bf16' if gpu else 'CPU, gloo'}), text and "
+              f"task 1 : {TASK_WEIGHT:g}")
     if _finished(train_dir, steps):
         print(f"[demo] training: reusing the finished run in {train_dir}")
     else:
-        command = ["train", str(DEMO_CONFIG), f"--set=data.train_dir={shards}", f"--set=logging.run_dir={train_dir}",
-                   f"--set=train.max_steps={steps}", *[f"--set={o}" for o in overrides]]
+        sources = [{"name": "text", "dir": str(shards["text"]), "weight": 1.0},
+                   {"name": "task", "dir": str(shards["task"]), "weight": TASK_WEIGHT}]
+        tasks = [{"file": str(task_dir / f"eval-{TASK.task}-h{k}.jsonl"), "name": f"{TASK.task}-h{k}"}
+                 for k in IN_LOOP_TASKS]
+        command = ["train", str(DEMO_CONFIG), f"--set=data.sources={json.dumps(sources)}",
+                   f"--set=eval.tasks={json.dumps(tasks)}", f"--set=eval.task_exit_thresholds=[{EXIT_THRESHOLD}]",
+                   f"--set=logging.run_dir={train_dir}", f"--set=train.max_steps={steps}",
+                   "--set=data.on_exhausted=new_epoch",  # a longer run (--steps) reads the text again
+                   *[f"--set={o}" for o in overrides]]
         status = launch_local(command, nproc=nproc)
         if status:
             print(f"[demo] FAILED: training exited with status {status}")
@@ -162,15 +230,25 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
     losses = [m["loss"] for m in train_run.metrics_lines()]
     checkpoints = train_run.checkpoints
 
-    # 4. Validation loss against recurrence depth from the final checkpoint: the test-time scaling curve.
+    # 4. Validation loss (text) and task accuracy against recurrence depth from the final checkpoint.
     from rdhpc.eval.depth_eval import run_eval
+    from rdhpc.eval.tasks import run_task_eval
     from rdhpc.export import export_checkpoint, load_checkpoint
 
-    _stage(4, f"evaluation at depths {', '.join(map(str, EVAL_DEPTHS))} ({EVAL_ROWS} validation rows)")
+    def say(message: str):
+        print(message if not message.startswith("[eval]") else message.replace("[eval]", "[demo]"))
+
+    _stage(4, f"evaluation at depths {', '.join(map(str, EVAL_DEPTHS))}: text ({EVAL_ROWS} validation rows) and "
+              f"the task (held-out problems of 1-{TASK.eval_difficulty[1]} operations, and early exit)")
     device = "cuda" if gpu else "cpu"
-    curve = run_eval(str(checkpoints), str(shards), EVAL_DEPTHS, out=str(run_dir / "eval"), max_rows=EVAL_ROWS,
-                     batch_size=tc.micro_batch_size, seed=tc.seed, device=device,
-                     log=lambda m: print(m if not m.startswith("[eval]") else m.replace("[eval]", "[demo]")))
+    curve = run_eval(str(checkpoints), str(shards["text"]), EVAL_DEPTHS, out=str(run_dir / "eval"),
+                     max_rows=EVAL_ROWS, batch_size=tc.micro_batch_size, seed=tc.seed, device=device, log=say)
+    lo, hi = TASK.eval_difficulty
+    accuracy = run_task_eval(str(checkpoints), [f"{TASK.task}-h{k}={task_dir / f'eval-{TASK.task}-h{k}.jsonl'}"
+                                                for k in range(lo, hi + 1)],
+                             EVAL_DEPTHS, [EXIT_THRESHOLD], out=str(run_dir / "eval"), examples=TASK.eval_examples,
+                             batch_examples=64, seed=tc.seed, device=device, log=say)
+    figure = demo_figure(run_dir / "demo.png", train_run.metrics_lines(), curve, accuracy, TASK.train_difficulty)
 
     # 5. Export to the released Huginn layout and read it back.
     _stage(5, "export to the released Huginn layout")
@@ -185,20 +263,33 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
           f"reloaded logits identical: {same}")
 
     first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
+    beyond = [r for r in accuracy if int(r.task.rsplit("h", 1)[1]) > TASK.train_difficulty[1]]
+    gain = {d: float(np.mean([r.accuracy[d] for r in beyond])) for d in EVAL_DEPTHS} if beyond else {}
     results = {"train_loss_first10": first, "train_loss_last10": last, "steps": steps, "ranks": nproc,
                "val_loss_by_depth": {str(d): curve.loss[d] for d in curve.depths},
                "val_perplexity_by_depth": {str(d): curve.perplexity[d] for d in curve.depths},
-               "eval_tokens": curve.tokens, "plot": curve.files["png"], "export_roundtrip_identical": same,
-               "corpus": corpus_id}
+               "eval_tokens": curve.tokens, "plot": curve.files["png"], "figure": str(figure),
+               "task": {"settings": {k: v for k, v in dataclasses.asdict(TASK).items() if k != "out"},
+                        "accuracy_by_depth": {r.task: {str(d): v for d, v in r.accuracy.items()} for r in accuracy},
+                        "early_exit": {r.task: {"threshold": EXIT_THRESHOLD, "accuracy": r.exit_accuracy[EXIT_THRESHOLD],
+                                                "mean_depth": r.exit_mean_depth[EXIT_THRESHOLD]} for r in accuracy},
+                        "examples": {r.task: r.examples for r in accuracy},
+                        "beyond_training_mean_accuracy_by_depth": {str(d): v for d, v in gain.items()}},
+               "export_roundtrip_identical": same, "corpus": corpus_id}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     deeper_helps = curve.loss[8] < curve.loss[1]
     print(f"[demo] train loss {first:.3f} -> {last:.3f}; validation loss {curve.loss[1]:.3f} at depth 1, "
           f"{curve.loss[8]:.3f} at 8, {curve.loss[32]:.3f} at 32")
+    if gain:
+        print(f"[demo] task accuracy on problems longer than any trained on ({', '.join(r.task for r in beyond)}), "
+              f"mean: " + ", ".join(f"r={d} {gain[d]:.3f}" for d in EVAL_DEPTHS) + " (chance 0.1)")
     print("[demo] where everything is:")
     for what, where in [("config", run_dir / "config.yaml"), ("corpus", corpus), ("tokenizer", tokenizer_path),
-                        ("shards", shards), ("checkpoints", checkpoints), ("TensorBoard events", train_run.tensorboard),
+                        ("text shards", shards["text"]), ("task", task_dir), ("task shards", shards["task"]), ("checkpoints", checkpoints), ("TensorBoard events", train_run.tensorboard),
                         ("per-step metrics", train_run.metrics), ("loss vs depth plot", curve.files["png"]),
-                        ("loss vs depth table", curve.files["json"]), ("Huginn export", export_dir),
+                        ("loss vs depth table", curve.files["json"]),
+                        ("task accuracy table", run_dir / "eval" / "tasks.json"), ("demo figure", figure),
+                        ("Huginn export", export_dir),
                         ("results", run_dir / "results.json")]:
         print(f"[demo]   {what:<20} {where}")
     print(f"[demo] open TensorBoard:  rdhpc tensorboard {train_dir}")

@@ -25,11 +25,27 @@ def test_demo_runs_end_to_end_and_reuses_what_is_done(tmp_path, repo_root):
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert (run_dir / "config.yaml").is_file() and (run_dir / "huginn" / "model.safetensors").is_file()
     assert (run_dir / "train" / "tensorboard").is_dir()
+    # the task: accuracy against depth for every held-out difficulty, offline and in the loop
+    task = results["task"]
+    assert sorted(task["accuracy_by_depth"]) == [f"compose-h{k}" for k in range(1, 9)]
+    assert all(sorted(map(int, by_depth)) == [1, 2, 4, 8, 16, 32] for by_depth in task["accuracy_by_depth"].values())
+    assert all(0 <= e["accuracy"] <= 1 and 1 <= e["mean_depth"] <= 32 for e in task["early_exit"].values())
+    offline = json.loads((run_dir / "eval" / "tasks.json").read_text())
+    assert offline["step"] == 60 and len(offline["tasks"]) == 8
+    figure = (run_dir / "demo.png").read_bytes()
+    assert figure.startswith(b"\x89PNG") and len(figure) > 20_000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # a second run reuses the corpus, the tokenizer, the shards and the finished training
+    events = EventAccumulator(str(run_dir / "train" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    in_loop = [e.step for e in events.Scalars("eval/compose-h4/acc_r16")]
+    assert in_loop == [30, 60] and "eval/tasks" in events.Tags()["images"]  # every eval.interval, and the end
+    assert "task accuracy on problems longer than any trained on" in done.stdout
+
+    # a second run reuses the corpus, the task, the tokenizer, the shards and the finished training
     again = subprocess.run(command, capture_output=True, text=True, cwd=repo_root, timeout=900)
     assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-3000:]
-    assert "corpus: reusing" in again.stdout and "nothing to do" in again.stdout
+    assert "corpus: reusing" in again.stdout and again.stdout.count("nothing to do") == 2
+    assert "task: reusing" in again.stdout
     assert "training: reusing the finished run" in again.stdout
     assert json.loads((run_dir / "results.json").read_text())["val_loss_by_depth"] == results["val_loss_by_depth"]
 

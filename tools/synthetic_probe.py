@@ -1,10 +1,12 @@
 """Does a tiny recurrent-depth model learn the synthetic task on 2 CPU cores, and does depth help?
 
     DS_ACCELERATOR=cpu .venv/bin/python tools/synthetic_probe.py --work runs/probe1 --steps 600
+    DS_ACCELERATOR=cpu .venv/bin/python tools/synthetic_probe.py --work runs/probe3 --steps 2000 --task compose \
+        --train-difficulty 1-8 --eval-difficulty 1-12 --task-arg traced=0.5
     DS_ACCELERATOR=cpu .venv/bin/python tools/synthetic_probe.py --work runs/probe2 --steps 600 \
         --set model.mean_recurrence=8 --set model.mean_backprop_depth=4 --mix-text 0.5
 
-(a) `rdhpc prep synthetic` (task chains), (b) `rdhpc prep tokenizer` on the demo's real text (the
+(a) `rdhpc prep synthetic` (task chains, or --task), (b) `rdhpc prep tokenizer` on the demo's real text (the
 Python standard library's sources) plus the task, and `rdhpc prep shards` of the task (and of the
 text with --mix-text: both as named sources of one folder, the text down-sampled to the share asked),
 (c) `rdhpc launch local configs/demo.yaml --nproc 2` with the overrides given, (d) the final
@@ -70,6 +72,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True)
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--task", default="chains", help="the synthetic task (rdhpc prep synthetic --task)")
+    parser.add_argument("--task-arg", action="append", default=[], metavar="OPTION=VALUE",
+                        help="another option of rdhpc prep synthetic, e.g. --task-arg traced=0.5")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task, the model and the depth draws")
     parser.add_argument("--train-docs", type=int, default=40000)
     parser.add_argument("--eval-examples", type=int, default=200)
@@ -85,7 +90,8 @@ def main() -> int:
 
     task = work / "task"
     if not (task / "tasks.json").exists():
-        times["synthetic"] = rdhpc("prep", "synthetic", "--task", "chains", "--out", str(task), "--train-docs",
+        extra = [part for option in args.task_arg for part in ("--" + option.split("=", 1)[0], option.split("=", 1)[1])]
+        times["synthetic"] = rdhpc("prep", "synthetic", "--task", args.task, *extra, "--out", str(task), "--train-docs",
                                    str(args.train_docs), "--eval-examples", str(args.eval_examples),
                                    "--train-difficulty", args.train_difficulty, "--eval-difficulty",
                                    args.eval_difficulty, "--seed", str(args.seed))
