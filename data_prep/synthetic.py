@@ -2,6 +2,7 @@
 
     rdhpc prep synthetic --task chains --out task/ --train-docs 20000 --eval-examples 200 \
         --train-difficulty 1-4 --eval-difficulty 1-8 --seed 0
+    rdhpc prep synthetic --task compose --out task/ --train-docs 40000 --operations 3 --traced 0.3
     rdhpc prep shards --input task=task/train.jsonl --tokenizer tok.json --seq-len 128 --out shards/task
 
 Writes OUT/train.jsonl (documents {"text": ...}, a source for `rdhpc prep shards`, mixable with
@@ -39,6 +40,24 @@ repeats; after the queries, so a document's prefix up to its first answer is exa
 prompt). Held-out instances are the head of a chain of exactly k links among chains of 1..k links,
 k up to beyond the training range (the recurrent-depth literature's extrapolation setting); their
 statement sets never occur in training (canonical form hashed).
+
+The task `compose` (a digit through a word of operations; one step per operation). The operations
+a, b, c, ... are fixed permutations of the ten digits without a fixed point, drawn from the seed and
+never stated: the model learns their tables from the data. A problem is a start digit and a word of
+k operations, applied left to right; a document is `lines` problems, one per line:
+
+    ? 3 a c b=7          the answer only (the problem a held-out prompt asks: `? 3 a c b=`)
+    ! 5 c0 b9            traced: every intermediate digit (a share `traced` of the lines)
+
+k is drawn with weight 0.6^(k - LO) over the training range (the one-operation problems, which
+teach the tables, most often). Every symbol is one token. Nothing in the prompt gives an
+intermediate digit away, and the operations do not commute, so k operations are k dependent table
+lookups (position i: the digit at i - 1 through operation i), which a core iteration can apply a
+few of; the held-out files go to k beyond the training range. One problem in 8 (by a hash of its
+text, the same for every seed) is held out: never in training, traced or not. Caveat, measured in
+docs/synthetic_task.md: with 3 operations there are only 1,200 problems of 1-4 operations, which a
+small model can memorise; it learns the short ones but not an algorithm that longer words or more
+depth would extend.
 
 Seeded and exact: the same settings give the same bytes (Python's `random.Random`, seeded from a
 SHA-256 of (seed, task, split), whose sequence Python keeps stable across versions).
