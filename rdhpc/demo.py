@@ -1,6 +1,6 @@
 """The main job on an embedded default, as `make demo` runs it:
 
-    rdhpc demo --run-dir runs/demo          # about 6 minutes on 2 CPU cores (1,300 steps)
+    rdhpc demo --run-dir runs/demo          # about 6 minutes on 2 CPU cores (1,000 steps)
     rdhpc demo --gpu                        # the same on this machine's GPUs (bf16, one rank per GPU)
 
 The whole pipeline: a corpus from the Python standard library's own sources (real text already on
@@ -116,7 +116,7 @@ def demo_figure(path: Path, metrics: list[dict], curve, accuracy, trained: tuple
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(accuracy)))
     for result, color in zip(accuracy, colors):
         depths = sorted(result.accuracy)
-        k = int(result.task.rsplit("h", 1)[1])
+        k = _difficulty(result.task)
         ax_task.plot(depths, [result.accuracy[d] for d in depths], marker="o", color=color,
                      ls="-" if k <= trained[1] else "--", label=f"{k} op{'s' if k > 1 else ''} (n={result.examples})")
         for t, acc in result.exit_accuracy.items():
@@ -131,6 +131,11 @@ def demo_figure(path: Path, metrics: list[dict], curve, accuracy, trained: tuple
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _difficulty(task_name: str) -> int:
+    """'compose-h7' -> 7."""
+    return int(task_name.rsplit("h", 1)[1])
 
 
 def _finished(train_dir: Path, steps: int) -> bool:
@@ -265,8 +270,11 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
           f"reloaded logits identical: {same}")
 
     first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
-    beyond = [r for r in accuracy if int(r.task.rsplit("h", 1)[1]) > TASK.train_difficulty[1]]
-    gain = {d: float(np.mean([r.accuracy[d] for r in beyond])) for d in EVAL_DEPTHS} if beyond else {}
+    # mean exact match by depth over the held-out problems of the trained word lengths, and of longer ones
+    groups = {"trained_lengths": [r for r in accuracy if _difficulty(r.task) <= TASK.train_difficulty[1]],
+              "longer": [r for r in accuracy if _difficulty(r.task) > TASK.train_difficulty[1]]}
+    means = {name: {d: float(np.mean([r.accuracy[d] for r in group])) for d in EVAL_DEPTHS}
+             for name, group in groups.items() if group}
     results = {"train_loss_first10": first, "train_loss_last10": last, "steps": steps, "ranks": nproc,
                "val_loss_by_depth": {str(d): curve.loss[d] for d in curve.depths},
                "val_perplexity_by_depth": {str(d): curve.perplexity[d] for d in curve.depths},
@@ -276,15 +284,19 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
                         "early_exit": {r.task: {"threshold": EXIT_THRESHOLD, "accuracy": r.exit_accuracy[EXIT_THRESHOLD],
                                                 "mean_depth": r.exit_mean_depth[EXIT_THRESHOLD]} for r in accuracy},
                         "examples": {r.task: r.examples for r in accuracy},
-                        "beyond_training_mean_accuracy_by_depth": {str(d): v for d, v in gain.items()}},
+                        "mean_accuracy_by_depth": {name: {str(d): v for d, v in by_depth.items()}
+                                                   for name, by_depth in means.items()}},
                "export_roundtrip_identical": same, "corpus": corpus_id}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     deeper_helps = curve.loss[8] < curve.loss[1]
     print(f"[demo] train loss {first:.3f} -> {last:.3f}; validation loss {curve.loss[1]:.3f} at depth 1, "
           f"{curve.loss[8]:.3f} at 8, {curve.loss[32]:.3f} at 32")
-    if gain:
-        print(f"[demo] task accuracy on problems longer than any trained on ({', '.join(r.task for r in beyond)}), "
-              f"mean: " + ", ".join(f"r={d} {gain[d]:.3f}" for d in EVAL_DEPTHS) + " (chance 0.1)")
+    for name, by_depth in means.items():
+        lo, hi = (TASK.eval_difficulty[0], TASK.train_difficulty[1]) if name == "trained_lengths" else \
+            (TASK.train_difficulty[1] + 1, TASK.eval_difficulty[1])
+        what = "the trained word lengths" if name == "trained_lengths" else "words longer than any trained on"
+        print(f"[demo] task, held-out problems of {lo}-{hi} operations ({what}), mean exact match: "
+              + ", ".join(f"r={d} {by_depth[d]:.3f}" for d in EVAL_DEPTHS) + " (chance 0.1)")
     print("[demo] where everything is:")
     for what, where in [("config", run_dir / "config.yaml"), ("corpus", corpus), ("tokenizer", tokenizer_path),
                         ("text shards", shards["text"]), ("task", task_dir), ("task shards", shards["task"]), ("checkpoints", checkpoints), ("TensorBoard events", train_run.tensorboard),

@@ -39,7 +39,9 @@ def test_demo_runs_end_to_end_and_reuses_what_is_done(tmp_path, repo_root):
     events = EventAccumulator(str(run_dir / "train" / "tensorboard"), size_guidance={"images": 0}).Reload()
     in_loop = [e.step for e in events.Scalars("eval/compose-h4/acc_r16")]
     assert in_loop == [30, 60] and "eval/tasks" in events.Tags()["images"]  # every eval.interval, and the end
-    assert "task accuracy on problems longer than any trained on" in done.stdout
+    assert "task, held-out problems of 1-8 operations (the trained word lengths)" in done.stdout
+    assert "task, held-out problems of 9-12 operations (words longer than any trained on)" in done.stdout
+    assert sorted(task["mean_accuracy_by_depth"]) == ["longer", "trained_lengths"]
 
     # a second run reuses the corpus, the task, the tokenizer, the shards and the finished training
     again = subprocess.run(command, capture_output=True, text=True, cwd=repo_root, timeout=900)
