@@ -27,7 +27,7 @@ def test_demo_runs_end_to_end_and_reuses_what_is_done(tmp_path, repo_root):
     assert (run_dir / "train" / "tensorboard").is_dir()
     # the task: accuracy against depth for every held-out difficulty, offline and in the loop
     task = results["task"]
-    assert sorted(task["accuracy_by_depth"]) == [f"compose-h{k}" for k in range(1, 13)]
+    assert sorted(task["accuracy_by_depth"]) == sorted(f"compose-h{k}" for k in range(1, 13))
     assert all(sorted(map(int, by_depth)) == [1, 2, 4, 8, 16, 32] for by_depth in task["accuracy_by_depth"].values())
     assert all(0 <= e["accuracy"] <= 1 and 1 <= e["mean_depth"] <= 32 for e in task["early_exit"].values())
     offline = json.loads((run_dir / "eval" / "tasks.json").read_text())
