@@ -70,7 +70,8 @@ def add_prep_parser(sub) -> None:
     p.add_argument("--train-difficulty", default="1-4", metavar="LO-HI",
                    help="hops (chains) or operations (compose) asked in training")
     p.add_argument("--eval-difficulty", default="1-8", metavar="LO-HI",
-                   help="difficulty of the held-out files, one file per value (beyond the training range: extrapolation)")
+                   help="difficulty of the held-out files, one file per value (beyond the training range: "
+                        "extrapolation)")
     p.add_argument("--chains", default="3-6", metavar="LO-HI", help="chains per problem (the answer is one of "
                                                                      "their distinct digits)")
     p.add_argument("--max-variables", type=int, default=24, help="variables per problem, at most 26")

@@ -54,10 +54,10 @@ teach the tables, most often). Every symbol is one token. Nothing in the prompt 
 intermediate digit away, and the operations do not commute, so k operations are k dependent table
 lookups (position i: the digit at i - 1 through operation i), which a core iteration can apply a
 few of; the held-out files go to k beyond the training range. One problem in 8 (by a hash of its
-text, the same for every seed) is held out: never in training, traced or not. Caveat, measured in
-docs/synthetic_task.md: with 3 operations there are only 1,200 problems of 1-4 operations, which a
-small model can memorise; it learns the short ones but not an algorithm that longer words or more
-depth would extend.
+text, the same for every seed) is held out: never in training, traced or not. Measured in
+docs/synthetic_task.md: trained on words of 1-4 the demo's model solves them within one iteration
+and gains little from depth; trained on 1-8 (the demo's setting) it learns to iterate, and accuracy
+on held-out words rises with depth (after ~1,500 steps).
 
 Seeded and exact: the same settings give the same bytes (Python's `random.Random`, seeded from a
 SHA-256 of (seed, task, split), whose sequence Python keeps stable across versions).
@@ -66,6 +66,7 @@ SHA-256 of (seed, task, split), whose sequence Python keeps stable across versio
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -349,8 +350,6 @@ def compose_eval_examples(s: SyntheticSettings, k: int, operations) -> list[tupl
     rng = _rng(s.seed, "compose", f"eval-h{k}")
     names = OPERATIONS[:s.operations]
     if 10 * len(names) ** k <= 50 * s.eval_examples:  # small: every held-out problem, in random order
-        import itertools
-
         pool = [(start, "".join(w)) for start in range(10) for w in itertools.product(names, repeat=k)]
         pool = [p for p in pool if compose_held_out(*p)]
         rng.shuffle(pool)

@@ -118,9 +118,11 @@ def demo_figure(path: Path, metrics: list[dict], curve, accuracy, trained: tuple
         depths = sorted(result.accuracy)
         k = _difficulty(result.task)
         ax_task.plot(depths, [result.accuracy[d] for d in depths], marker="o", color=color,
-                     ls="-" if k <= trained[1] else "--", label=f"{k} op{'s' if k > 1 else ''} (n={result.examples})")
+                     ls="-" if k <= trained[1] else "--",
+                     label=f"{k} op{'s' if k > 1 else ''} (n={result.examples})")
         for t, acc in result.exit_accuracy.items():
-            ax_task.scatter([result.exit_mean_depth[t]], [acc], marker="*", s=90, color=color, edgecolor="black", zorder=3)
+            ax_task.scatter([result.exit_mean_depth[t]], [acc], marker="*", s=90, color=color, edgecolor="black",
+                            zorder=3)
     ax_task.axhline(0.1, color="gray", lw=0.8, ls=":", label="chance")
     ax_task.set(xscale="log", ylim=(0, 1), xlabel="recurrence depth r (star: early exit at its mean depth)",
                 ylabel="exact match", title=f"task: accuracy against depth (trained on {trained[0]}-{trained[1]} ops)")
@@ -175,7 +177,8 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
         print(f"[demo] corpus: reusing {corpus} ({corpus.stat().st_size / 1e6:.1f} MB)")
     else:
         num_docs, num_bytes = write_stdlib_corpus(corpus, CORPUS_BYTES)
-        print(f"[demo] corpus: {num_docs} documents (the Python standard library's files cut at top-level definitions), "
+        print(f"[demo] corpus: {num_docs} documents (the Python standard library's files cut at top-level "
+              f"definitions), "
               f"{num_bytes / 1e6:.1f} MB -> {corpus}")
     # the standard library differs between Python versions and builds, and so do the demo's losses
     corpus_id = {"python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"],
@@ -234,7 +237,8 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
             print(f"[demo] FAILED: training exited with status {status}")
             return 1
     train_run = RunFolder(train_dir)
-    losses = [m["loss"] for m in train_run.metrics_lines()]
+    metrics = train_run.metrics_lines()
+    losses = [m["loss"] for m in metrics]
     checkpoints = train_run.checkpoints
 
     # 4. Validation loss (text) and task accuracy against recurrence depth from the final checkpoint.
@@ -255,7 +259,7 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
                                                 for k in range(lo, hi + 1)],
                              EVAL_DEPTHS, [EXIT_THRESHOLD], out=str(run_dir / "eval"), examples=TASK.eval_examples,
                              batch_examples=64, seed=tc.seed, device=device, log=say)
-    figure = demo_figure(run_dir / "demo.png", train_run.metrics_lines(), curve, accuracy, TASK.train_difficulty)
+    figure = demo_figure(run_dir / "demo.png", metrics, curve, accuracy, TASK.train_difficulty)
 
     # 5. Export to the released Huginn layout and read it back.
     _stage(5, "export to the released Huginn layout")
@@ -271,17 +275,22 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
 
     first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
     # mean exact match by depth over the held-out problems of the trained word lengths, and of longer ones
-    groups = {"trained_lengths": [r for r in accuracy if _difficulty(r.task) <= TASK.train_difficulty[1]],
-              "longer": [r for r in accuracy if _difficulty(r.task) > TASK.train_difficulty[1]]}
-    means = {name: {d: float(np.mean([r.accuracy[d] for r in group])) for d in EVAL_DEPTHS}
-             for name, group in groups.items() if group}
+    longest_trained = TASK.train_difficulty[1]  # lo, hi: the held-out difficulties evaluated above
+    groups = {"trained_lengths": (lo, longest_trained, "the trained word lengths"),
+              "longer": (longest_trained + 1, hi, "words longer than any trained on")}
+    means = {}
+    for name, (first_k, last_k, _) in groups.items():
+        group = [r for r in accuracy if first_k <= _difficulty(r.task) <= last_k]
+        if group:
+            means[name] = {d: float(np.mean([r.accuracy[d] for r in group])) for d in EVAL_DEPTHS}
     results = {"train_loss_first10": first, "train_loss_last10": last, "steps": steps, "ranks": nproc,
                "val_loss_by_depth": {str(d): curve.loss[d] for d in curve.depths},
                "val_perplexity_by_depth": {str(d): curve.perplexity[d] for d in curve.depths},
                "eval_tokens": curve.tokens, "plot": curve.files["png"], "figure": str(figure),
                "task": {"settings": {k: v for k, v in dataclasses.asdict(TASK).items() if k != "out"},
                         "accuracy_by_depth": {r.task: {str(d): v for d, v in r.accuracy.items()} for r in accuracy},
-                        "early_exit": {r.task: {"threshold": EXIT_THRESHOLD, "accuracy": r.exit_accuracy[EXIT_THRESHOLD],
+                        "early_exit": {r.task: {"threshold": EXIT_THRESHOLD,
+                                                "accuracy": r.exit_accuracy[EXIT_THRESHOLD],
                                                 "mean_depth": r.exit_mean_depth[EXIT_THRESHOLD]} for r in accuracy},
                         "examples": {r.task: r.examples for r in accuracy},
                         "mean_accuracy_by_depth": {name: {str(d): v for d, v in by_depth.items()}
@@ -292,14 +301,13 @@ def run_demo(run_dir: str | Path, steps: int | None = None, overrides=(), gpu: b
     print(f"[demo] train loss {first:.3f} -> {last:.3f}; validation loss {curve.loss[1]:.3f} at depth 1, "
           f"{curve.loss[8]:.3f} at 8, {curve.loss[32]:.3f} at 32")
     for name, by_depth in means.items():
-        lo, hi = (TASK.eval_difficulty[0], TASK.train_difficulty[1]) if name == "trained_lengths" else \
-            (TASK.train_difficulty[1] + 1, TASK.eval_difficulty[1])
-        what = "the trained word lengths" if name == "trained_lengths" else "words longer than any trained on"
-        print(f"[demo] task, held-out problems of {lo}-{hi} operations ({what}), mean exact match: "
+        first_k, last_k, what = groups[name]
+        print(f"[demo] task, held-out problems of {first_k}-{last_k} operations ({what}), mean exact match: "
               + ", ".join(f"r={d} {by_depth[d]:.3f}" for d in EVAL_DEPTHS) + " (chance 0.1)")
     print("[demo] where everything is:")
     for what, where in [("config", run_dir / "config.yaml"), ("corpus", corpus), ("tokenizer", tokenizer_path),
-                        ("text shards", shards["text"]), ("task", task_dir), ("task shards", shards["task"]), ("checkpoints", checkpoints), ("TensorBoard events", train_run.tensorboard),
+                        ("text shards", shards["text"]), ("task", task_dir), ("task shards", shards["task"]),
+                        ("checkpoints", checkpoints), ("TensorBoard events", train_run.tensorboard),
                         ("per-step metrics", train_run.metrics), ("loss vs depth plot", curve.files["png"]),
                         ("loss vs depth table", curve.files["json"]),
                         ("task accuracy table", run_dir / "eval" / "tasks.json"), ("demo figure", figure),
