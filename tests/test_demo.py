@@ -41,7 +41,14 @@ def test_demo_runs_end_to_end_and_reuses_what_is_done(tmp_path, repo_root):
     assert in_loop == [30, 60] and "eval/tasks" in events.Tags()["images"]  # every eval.interval, and the end
     assert "task, held-out problems of 1-8 operations (the trained word lengths)" in done.stdout
     assert "task, held-out problems of 9-12 operations (words longer than any trained on)" in done.stdout
-    assert sorted(task["mean_accuracy_by_depth"]) == ["longer", "trained_lengths"]
+    assert sorted(task["mean_accuracy_by_depth"]) == sorted(task["pooled_accuracy_by_depth"]) == ["longer",
+                                                                                                "trained_lengths"]
+    # pooled: the share of the group's held-out problems answered right, from the per-file table
+    trained = [f"compose-h{k}" for k in range(1, 9)]
+    assert task["pooled_examples"]["trained_lengths"] == sum(task["examples"][t] for t in trained)
+    right = sum(task["accuracy_by_depth"][t]["16"] * task["examples"][t] for t in trained)
+    assert abs(task["pooled_accuracy_by_depth"]["trained_lengths"]["16"] * task["pooled_examples"]["trained_lengths"]
+               - right) < 1e-9
 
     # a second run reuses the corpus, the task, the tokenizer, the shards and the finished training
     again = subprocess.run(command, capture_output=True, text=True, cwd=repo_root, timeout=900)
